@@ -1,0 +1,3 @@
+from proca_sync.cli import main
+
+main()
