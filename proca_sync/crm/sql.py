@@ -198,7 +198,10 @@ class SqlBackend:
             raise ConfigError(f"unsupported CRM database {self.dialect!r} (sqlite or postgresql)")
         kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
         if self.dialect == "sqlite":
-            kwargs["connect_args"] = {"timeout": 15}
+            # A locked database waits this long before failing (transient); ?timeout=S
+            # in the URL overrides it.
+            if "timeout" not in parsed.query:
+                kwargs["connect_args"] = {"timeout": 15}
         else:
             kwargs["pool_pre_ping"] = True
             kwargs["connect_args"] = {"connect_timeout": 5}
