@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from proca_sync.crm import backend_from_url
 from proca_sync.crm.sql import DEFAULT_URL, SqlBackend
 from proca_sync.crypto import KeyPair, Keystore
 from proca_sync.engine import Engine, Summary
@@ -109,6 +110,7 @@ def load_keystore(path: Path | None) -> Keystore | None:
 
 
 def open_crm(url: str) -> SqlBackend:
+    """The embedded CRM at ``url``, opened (its schema created if new)."""
     try:
         backend = SqlBackend(url)
         backend.open_sync()
@@ -243,7 +245,10 @@ def replay(
     configure_logging()
     files = _expand(paths)
     keystore = load_keystore(keys)
-    backend = open_crm(crm)
+    try:
+        backend = backend_from_url(crm)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     engine = Engine(backend=backend, keystore=keystore, options=Options(mode=mode, skip_testing=skip_testing))
     try:
         summary = asyncio.run(_replay(engine, read_bodies(files), batch))
@@ -296,9 +301,9 @@ def keys_check(path: Annotated[Path, typer.Argument(help="Key store file.")]) ->
 @crm_app.command("export")
 def crm_export(crm: CrmOption = DEFAULT_URL) -> None:
     """Print the whole CRM as JSON (contacts with their actions, campaigns)."""
-    backend = open_crm(crm)
     try:
-        data = backend.export()
+        with open_crm(crm) as backend:
+            data = backend.export()
     except ProcaSyncError as exc:
         raise fail(f"CRM: {exc}") from None
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -310,8 +315,8 @@ def crm_contacts(
     limit: Annotated[int, typer.Option(min=1, help="Rows to show.")] = 50,
 ) -> None:
     """A table of the CRM's contacts."""
-    backend = open_crm(crm)
-    data = backend.export()
+    with open_crm(crm) as backend:
+        data = backend.export()
     table = Table(title=f"contacts ({len(data['contacts'])})")
     for column in ("email", "name", "country", "postcode", "subscribed", "status", "actions"):
         table.add_column(column)
@@ -334,8 +339,8 @@ def crm_contacts(
 @crm_app.command("show")
 def crm_show(email: Annotated[str, typer.Argument(help="E-mail of the contact.")], crm: CrmOption = DEFAULT_URL) -> None:
     """One contact with its consent, e-mail status history and actions."""
-    backend = open_crm(crm)
-    contact = backend.find_contact(email)
+    with open_crm(crm) as backend:
+        contact = backend.find_contact(email)
     if contact is None:
         raise fail("no contact with that e-mail", ExitCode.REJECTED)
     table = Table(show_header=False, title="contact")

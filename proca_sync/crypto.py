@@ -145,7 +145,13 @@ class Keystore:
                     "signKey.public is not a 32-byte base64url key",
                     reason=Reason.MALFORMED_CIPHERTEXT,
                 ) from None
-            box = Box(pair.private_key(), sender)
+            try:
+                box = Box(pair.private_key(), sender)
+            except CryptoError:  # libsodium refuses low-order points (e.g. all zeros)
+                raise DecryptError(
+                    "signKey.public is not a usable X25519 key",
+                    reason=Reason.MALFORMED_CIPHERTEXT,
+                ) from None
             self._boxes[cache_key] = box
         return box
 
@@ -211,7 +217,9 @@ def decrypt_record(info: PersonalInfo, keystore: Keystore | None) -> dict[str, A
     if info.sign_key is None:
         raise DecryptError("personalInfo lacks signKey", reason=Reason.MALFORMED_CIPHERTEXT)
     if keystore is None or len(keystore) == 0:
-        raise DecryptError("message is encrypted and no key store is set", reason=Reason.NO_KEYSTORE)
+        raise DecryptError(
+            "message is encrypted and no key store is set", reason=Reason.NO_KEYSTORE
+        )
     box = keystore.box(info.encrypt_key.public, info.sign_key.public)
     try:
         nonce = b64decode(info.nonce)

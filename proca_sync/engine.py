@@ -34,8 +34,8 @@ class Summary:
 
     @property
     def total(self) -> int:
-        return self.synced + self.duplicates + sum(self.ignored.values()) + sum(
-            self.rejected.values()
+        return (
+            self.synced + self.duplicates + sum(self.ignored.values()) + sum(self.rejected.values())
         )
 
     def count_result(self, result: ApplyResult) -> None:

@@ -249,6 +249,18 @@ class SqlBackend:
         await self._run(self.engine.dispose)
         self._executor.shutdown(wait=True)
 
+    def close_sync(self) -> None:
+        """Release connections when used without an event loop (CLI reads, tests)."""
+        self.engine.dispose()
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> SqlBackend:
+        self.open_sync()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close_sync()
+
     async def ping(self) -> None:
         await self._run(self._ping_sync)
 
@@ -326,9 +338,7 @@ class SqlBackend:
             conditions.append(
                 and_(contact_keys.c.kind == "email", contact_keys.c.value.in_(facts.emails))
             )
-        ids = set(
-            conn.execute(select(contact_keys.c.contact_id).where(or_(*conditions))).scalars()
-        )
+        ids = set(conn.execute(select(contact_keys.c.contact_id).where(or_(*conditions))).scalars())
         if action is not None:
             owner = conn.execute(
                 select(actions.c.contact_id).where(actions.c.action_id == action.action_id)
@@ -342,7 +352,9 @@ class SqlBackend:
         state.absorb(facts)
         row = _state_row(state)
         if not ids:
-            survivor = int(conn.execute(insert(contacts).values(**row)).inserted_primary_key[0])
+            inserted = conn.execute(insert(contacts).values(**row)).inserted_primary_key
+            assert inserted is not None
+            survivor = int(inserted[0])
         else:
             survivor = min(ids)
             for other in sorted(ids - {survivor}):
@@ -439,7 +451,9 @@ class SqlBackend:
         if current is None:
             conn.execute(insert(actions).values(action_id=record.action_id, **values))
         elif record.version > current.version:
-            conn.execute(update(actions).where(actions.c.action_id == record.action_id).values(**values))
+            conn.execute(
+                update(actions).where(actions.c.action_id == record.action_id).values(**values)
+            )
         elif current.contact_id != contact_id:
             conn.execute(
                 update(actions)
@@ -464,7 +478,9 @@ class SqlBackend:
         ).rowcount
         if not changed:
             self._insert_ignore(conn, campaigns, {"name": fact.name, **values}, ["name"])
-        stored = conn.execute(select(campaigns.c.stamp).where(campaigns.c.name == fact.name)).scalar()
+        stored = conn.execute(
+            select(campaigns.c.stamp).where(campaigns.c.name == fact.name)
+        ).scalar()
         # Only remember what is committed-to-be: a rollback clears the cache.
         self._campaign_stamps[fact.name] = stored or fact.stamp
 
@@ -479,7 +495,9 @@ class SqlBackend:
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
             conn.execute(
-                sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=conflict)
+                sqlite_insert(table)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=conflict)
             )
 
     # ---- reading ----------------------------------------------------------------------
@@ -577,15 +595,17 @@ class SqlBackend:
             ).scalar()
         if cid is None:
             return None
-        for contact in self.export()["contacts"]:
-            if key in contact["emails"]:
-                return contact
-        return None
+        contacts_out: list[dict[str, Any]] = self.export()["contacts"]
+        return next((c for c in contacts_out if key in c["emails"]), None)
 
     def stats(self) -> dict[str, int]:
         with self._reading() as conn:
+
             def count(table: Table, *where: Any) -> int:
-                return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar() or 0)
+                return int(
+                    conn.execute(select(func.count()).select_from(table).where(*where)).scalar()
+                    or 0
+                )
 
             return {
                 "contacts": count(contacts, contacts.c.admitted.is_(True)),

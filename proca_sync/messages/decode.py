@@ -6,6 +6,7 @@ No I/O and no decryption here (that is :mod:`proca_sync.crypto`). Every failure 
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -35,6 +36,10 @@ _EVENTS: dict[str, type[EmailStatusEvent | CampaignUpdatedEvent | ConfirmCreated
     "campaign_updated": CampaignUpdatedEvent,
     "confirm_created": ConfirmCreatedEvent,
 }
+
+
+# Only schema-looking values are echoed in errors: an arbitrary string may be personal data.
+_SCHEMA_LABEL = re.compile(r"[a-z][a-z0-9_]*(:[a-z0-9_]+){1,3}")
 
 
 def parse_json(body: bytes | str) -> dict[str, Any]:
@@ -78,12 +83,19 @@ def decode_document(document: dict[str, Any]) -> Message:
         event_type = document.get("eventType")
         if not isinstance(event_type, str):
             raise DecodeError("missing eventType", reason=Reason.MISSING_FIELD)
-        return _validate(_EVENTS.get(event_type, UnknownEvent), document)
+        model = _EVENTS.get(event_type)
+        if model is None:
+            return _validate(UnknownEvent, document)
+        return _validate(model, document)
     if schema == ACTION_V1:
         return upgrade_v1(_validate(ActionMessageV1, document))
     if schema is None:
         raise DecodeError("no schema key", reason=Reason.UNKNOWN_SCHEMA)
-    label = schema if isinstance(schema, str) and len(schema) <= 40 else type(schema).__name__
+    label = (
+        schema
+        if isinstance(schema, str) and len(schema) <= 40 and _SCHEMA_LABEL.fullmatch(schema)
+        else type(schema).__name__
+    )
     raise DecodeError(f"unknown schema {label!r}", reason=Reason.UNKNOWN_SCHEMA)
 
 

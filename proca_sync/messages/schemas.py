@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -45,9 +45,9 @@ __all__ = [
     "to_wire",
 ]
 
-ACTION_V1 = "proca:action:1"
-ACTION_V2 = "proca:action:2"
-EVENT_V2 = "proca:event:2"
+ACTION_V1: Final = "proca:action:1"
+ACTION_V2: Final = "proca:action:2"
+EVENT_V2: Final = "proca:event:2"
 
 
 def parse_timestamp(value: str) -> datetime:
@@ -61,7 +61,7 @@ def parse_timestamp(value: str) -> datetime:
 def _check_timestamp(value: str) -> str:
     try:
         parse_timestamp(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # Overflow: year 1 / 9999 shifted out of range by UTC
         raise PydanticCustomError("timestamp", "not an ISO 8601 timestamp") from None
     return value
 

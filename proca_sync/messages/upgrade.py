@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from proca_sync.errors import DecodeError, Reason
 from proca_sync.messages.schemas import ActionMessage, ActionMessageV1
@@ -91,4 +92,19 @@ def upgrade_v1(v1: ActionMessageV1) -> ActionMessage:
         new_privacy["emailStatus"] = None
         new_privacy["emailStatusChanged"] = None
         out["privacy"] = new_privacy
-    return ActionMessage.model_validate(out)
+    try:
+        return ActionMessage.model_validate(out)
+    except ValidationError as exc:
+        # The clear payload is merged unchecked above, so the v2 shape can still fail here
+        # (e.g. a payload "email" that is not a string). Report it like decode() does,
+        # without the input value (it may be personal data).
+        first = exc.errors(include_url=False, include_input=False)[0]
+        if first["type"] == "missing":
+            ctx = first.get("ctx") or {}
+            field = ctx.get("field") if isinstance(ctx, dict) else None
+            where = str(field) if field else ".".join(str(p) for p in first["loc"]) or "message"
+            raise DecodeError(f"v1 upgrade: missing {where}", reason=Reason.MISSING_FIELD) from None
+        where = ".".join(str(part) for part in first["loc"]) or "message"
+        raise DecodeError(
+            f"v1 upgrade: {where}: {first['type']}", reason=Reason.INVALID_FIELD
+        ) from None

@@ -67,11 +67,19 @@ def body_digest(body: bytes) -> str:
 
 
 def _personal_fields(contact: Contact) -> dict[str, Any]:
-    return {
+    fields = {
         key: value
         for key, value in contact.record().items()
         if key not in _NOT_PERSONAL_FIELDS and value is not None and value != ""
     }
+    if "email" in fields:
+        # Proca trims and lower-cases e-mails (basic schema); keep one spelling.
+        email = normalise_email(str(fields["email"]))
+        if email is None:
+            del fields["email"]
+        else:
+            fields["email"] = email
+    return fields
 
 
 def _status_fact(privacy: Privacy, source: str) -> StatusFact | None:
@@ -115,7 +123,9 @@ def _model_action(message: ActionMessage, options: Options, digest: str) -> Sync
     if not _admitted_by_mode(message, options.mode):
         return Ignored(IgnoreReason.MODE, options.mode.value)
 
-    assert message.action_id is not None and message.campaign is not None  # validated
+    # Both guaranteed by ActionMessage's validator for delivered actions.
+    assert message.action_id is not None
+    assert message.campaign is not None
     action_id = message.action_id
     privacy = message.privacy
     created_key = timestamp_key(action.created_at)
@@ -204,12 +214,18 @@ def _model_email_status(event: EmailStatusEvent, digest: str) -> SyncRecord:
         consent=None,
         status=status,
     )
+    campaign = None
+    if event.campaign is not None:
+        data = event.campaign.model_dump(mode="json", exclude_unset=True)
+        data["campaignId"] = event.campaign_id
+        campaign = CampaignFact(event.campaign.name, data, f"0|{data_key}|0|{digest}")
     # Identical events (repeated double-opt-in clicks, redeliveries) share the digest;
     # events that differ in any byte are distinct facts, merged by their stamps.
     return SyncRecord(
         key=f"email_status:{digest}",
         kind="email_status",
         contact=contact,
+        campaign=campaign,
     )
 
 
