@@ -56,7 +56,7 @@ def b64encode(data: bytes) -> str:
 
 
 def b64decode(text: str) -> bytes:
-    """base64url, padded or not (strict alphabet)."""
+    """base64url, padded or not (standard ``+/`` also accepted, as @proca/crypto does)."""
     stripped = text.strip().rstrip("=")
     padded = stripped + "=" * (-len(stripped) % 4)
     return base64.b64decode(padded, altchars=b"-_", validate=True)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -69,6 +69,10 @@ def _check_timestamp(value: str) -> str:
 Timestamp = Annotated[str, AfterValidator(_check_timestamp)]
 """A wire timestamp kept verbatim; use :func:`parse_timestamp` to compare."""
 
+# JSON types as sent: "123" is not an id and "yes" is not a boolean.
+Id = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
+
 
 class Wire(BaseModel):
     """Base of all wire models: camelCase aliases, unknown keys kept."""
@@ -92,7 +96,7 @@ CustomValue = str | bool | int | float | list[str] | list[int | float] | None
 
 
 class Donation(Wire):
-    amount: int
+    amount: Id
     currency: str = "EUR"
     frequency_unit: str = "one_off"
     payload: dict[str, Any] = Field(default_factory=dict)
@@ -103,7 +107,7 @@ class Action(Wire):
     action_type: str
     custom_fields: dict[str, CustomValue] = Field(default_factory=dict)
     created_at: Timestamp
-    testing: bool = False
+    testing: Flag = False
     donation: Donation | None = None
 
 
@@ -118,7 +122,7 @@ class ActionPage(Wire):
 class Campaign(Wire):
     name: str
     title: str | None = None
-    external_id: int | None = None
+    external_id: Id | None = None
     contact_schema: str = "basic"
 
 
@@ -135,7 +139,7 @@ class Contact(Wire):
     """
 
     contact_ref: str | None = None
-    dupe_rank: int | None = None
+    dupe_rank: Id | None = None
     first_name: str | None = Field(default=None, repr=False)
     email: str | None = Field(default=None, repr=False)
     area: str | None = None
@@ -149,7 +153,7 @@ class Contact(Wire):
 
 
 class KeyRef(Wire):
-    id: int | None = None
+    id: Id | None = None
     public: str
 
 
@@ -163,9 +167,9 @@ class PersonalInfo(Wire):
 
 
 class Privacy(Wire):
-    opt_in: bool | None = None
+    opt_in: Flag | None = None
     given_at: Timestamp | None = None
-    with_consent: bool = False
+    with_consent: Flag = False
     email_status: str | None = None
     email_status_changed: Timestamp | None = None
 
@@ -187,13 +191,13 @@ class ActionMessage(Wire):
 
     schema_: Literal["proca:action:2"] = Field(default=ACTION_V2, alias="schema")
     stage: Stage
-    action_id: int | None = None
+    action_id: Id | None = None
     action: Action
-    action_page_id: int | None = None
+    action_page_id: Id | None = None
     action_page: ActionPage | None = None
-    campaign_id: int | None = None
+    campaign_id: Id | None = None
     campaign: Campaign | None = None
-    org_id: int | None = None
+    org_id: Id | None = None
     org: Org | None = None
     contact: Contact = Field(default_factory=Contact)
     personal_info: PersonalInfo | None = None
@@ -230,25 +234,25 @@ class EmailStatusEvent(EventMessage):
     event_type: Literal["email_status"] = "email_status"
     timestamp: Timestamp
     supporter: Supporter
-    action_id: int | None = None
+    action_id: Id | None = None
     action: Action | None = None
-    action_page_id: int | None = None
+    action_page_id: Id | None = None
     action_page: ActionPage | None = None
-    campaign_id: int | None = None
+    campaign_id: Id | None = None
     campaign: Campaign | None = None
     tracking: Tracking | None = None
 
 
 class CampaignDetail(Campaign):
-    id: int | None = None
+    id: Id | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     org: Org | None = None
 
 
 class CampaignUpdatedEvent(EventMessage):
     event_type: Literal["campaign_updated"] = "campaign_updated"
-    campaign_id: int | None = None
-    org_id: int | None = None
+    campaign_id: Id | None = None
+    org_id: Id | None = None
     campaign: CampaignDetail
 
 
@@ -268,7 +272,7 @@ class ActionV1(Wire):
     action_type: str
     fields: dict[str, CustomValue] = Field(default_factory=dict)
     created_at: Timestamp
-    testing: bool = False
+    testing: Flag = False
     donation: Donation | None = None
 
 
@@ -287,20 +291,20 @@ class ContactV1(Wire):
 
 
 class PrivacyV1(Wire):
-    communication: bool | None = None
+    communication: Flag | None = None
     given_at: Timestamp | None = None
 
 
 class ActionMessageV1(Wire):
     schema_: Literal["proca:action:1"] = Field(default=ACTION_V1, alias="schema")
     stage: Stage
-    action_id: int
+    action_id: Id
     action: ActionV1
-    action_page_id: int | None = None
+    action_page_id: Id | None = None
     action_page: ActionPage | None = None
-    campaign_id: int | None = None
+    campaign_id: Id | None = None
     campaign: Campaign
-    org_id: int | None = None
+    org_id: Id | None = None
     org: Org | None = None
     contact: ContactV1
     privacy: PrivacyV1 | None = None
