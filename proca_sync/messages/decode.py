@@ -58,20 +58,22 @@ def parse_json(body: bytes | str) -> dict[str, Any]:
     return document
 
 
+def _invalid(exc: ValidationError, context: str = "") -> DecodeError:
+    """A reason-coded error naming the field and the problem, never the input value."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "message"
+    if first["type"] == "missing":
+        ctx = first.get("ctx") or {}
+        field = ctx.get("field") if isinstance(ctx, dict) else None
+        return DecodeError(f"{context}missing {field or where}", reason=Reason.MISSING_FIELD)
+    return DecodeError(f"{context}{where}: {first['type']}", reason=Reason.INVALID_FIELD)
+
+
 def _validate(model: type[M], document: dict[str, Any]) -> M:
     try:
         return model.model_validate(document)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "message"
-        if first["type"] == "missing":
-            ctx = first.get("ctx") or {}
-            field = ctx.get("field") if isinstance(ctx, dict) else None
-            if field:
-                where = str(field)
-            raise DecodeError(f"missing {where}", reason=Reason.MISSING_FIELD) from None
-        # The error type names the problem; the input value (maybe personal) is not shown.
-        raise DecodeError(f"{where}: {first['type']}", reason=Reason.INVALID_FIELD) from None
+        raise _invalid(exc) from None
 
 
 def decode_document(document: dict[str, Any]) -> Message:
@@ -88,7 +90,11 @@ def decode_document(document: dict[str, Any]) -> Message:
             return _validate(UnknownEvent, document)
         return _validate(model, document)
     if schema == ACTION_V1:
-        return upgrade_v1(_validate(ActionMessageV1, document))
+        legacy = _validate(ActionMessageV1, document)
+        try:
+            return upgrade_v1(legacy)
+        except ValidationError as exc:
+            raise _invalid(exc, "v1 upgrade: ") from None
     if schema is None:
         raise DecodeError("no schema key", reason=Reason.UNKNOWN_SCHEMA)
     label = (

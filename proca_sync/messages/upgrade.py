@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from proca_sync.errors import DecodeError, Reason
 from proca_sync.messages.schemas import ActionMessage, ActionMessageV1
@@ -27,8 +26,10 @@ def upgrade_v1(v1: ActionMessageV1) -> ActionMessage:
     """Convert a validated v1 message to v2.
 
     Raises :class:`DecodeError` (``invalid_field``) when a clear payload is not a JSON
-    object. Encrypted payloads are moved to ``personalInfo`` untouched (key ids unknown:
-    ``null``; lookup is by public key).
+    object, and pydantic's ``ValidationError`` when the merged result is not a valid v2
+    message (:func:`~proca_sync.messages.decode.decode` turns it into a reason code).
+    Encrypted payloads are moved to ``personalInfo`` untouched (key ids unknown: ``null``;
+    lookup is by public key).
     """
     raw = v1.model_dump(mode="json", by_alias=True, exclude_unset=True)
     out: dict[str, Any] = {
@@ -92,19 +93,6 @@ def upgrade_v1(v1: ActionMessageV1) -> ActionMessage:
         new_privacy["emailStatus"] = None
         new_privacy["emailStatusChanged"] = None
         out["privacy"] = new_privacy
-    try:
-        return ActionMessage.model_validate(out)
-    except ValidationError as exc:
-        # The clear payload is merged unchecked above, so the v2 shape can still fail here
-        # (e.g. a payload "email" that is not a string). Report it like decode() does,
-        # without the input value (it may be personal data).
-        first = exc.errors(include_url=False, include_input=False)[0]
-        if first["type"] == "missing":
-            ctx = first.get("ctx") or {}
-            field = ctx.get("field") if isinstance(ctx, dict) else None
-            where = str(field) if field else ".".join(str(p) for p in first["loc"]) or "message"
-            raise DecodeError(f"v1 upgrade: missing {where}", reason=Reason.MISSING_FIELD) from None
-        where = ".".join(str(part) for part in first["loc"]) or "message"
-        raise DecodeError(
-            f"v1 upgrade: {where}: {first['type']}", reason=Reason.INVALID_FIELD
-        ) from None
+    # The clear payload was merged unchecked: the v2 shape may still fail (a payload
+    # "email" that is not a string); decode() reports that like any invalid field.
+    return ActionMessage.model_validate(out)
