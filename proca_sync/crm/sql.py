@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -35,15 +37,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    and_,
     create_engine,
-    delete,
     event,
     func,
     insert,
-    or_,
     select,
-    update,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import JSONB
@@ -134,8 +132,9 @@ consents = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("contact_id", Integer, ForeignKey("contacts.id"), nullable=False, index=True),
     Column("action_id", BigInteger, nullable=False),
-    Column("opt_in", Boolean),
-    Column("given_at", String(40)),
+    # Not null, so the unique constraint also collapses repeats of "not asked" consents.
+    Column("opt_in", String(5), nullable=False),
+    Column("given_at", String(40), nullable=False),
     UniqueConstraint("action_id", "opt_in", "given_at", name="uq_consent_fact"),
 )
 
@@ -215,6 +214,7 @@ class SqlBackend:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-sql")
         self._campaign_stamps: dict[str, str] = {}
+        self._statements = _Statements(self.dialect)
         self._ready = False
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -286,219 +286,47 @@ class SqlBackend:
         if not records:
             return []
         try:
-            with self.engine.begin() as conn:
-                return [self._apply_one(conn, record) for record in records]
-        except sa_exc.SQLAlchemyError as exc:
-            error = _translate(exc)
-            self._campaign_stamps.clear()
-            if not isinstance(error, PermanentError) or len(records) == 1:
-                if isinstance(error, PermanentError):
-                    return [error]
+            return self._transaction(records)
+        except Exception as exc:
+            error = self._translate_any(exc)
+            if not isinstance(error, PermanentError):
                 raise error from None
+            if len(records) == 1:
+                return [error]
         results: list[ApplyResult] = []
         for record in records:
             try:
-                with self.engine.begin() as conn:
-                    results.append(self._apply_one(conn, record))
-            except sa_exc.SQLAlchemyError as exc:
-                self._campaign_stamps.clear()
-                error = _translate(exc)
+                results.extend(self._transaction([record]))
+            except Exception as exc:
+                error = self._translate_any(exc)
                 if not isinstance(error, PermanentError):
                     raise error from None
                 results.append(error)
         return results
 
-    def _apply_one(self, conn: Connection, record: SyncRecord) -> ApplyResult:
-        seen = conn.execute(
-            select(applied_messages.c.key).where(applied_messages.c.key == record.key)
-        ).first()
-        if seen is not None:
-            return "duplicate"
-        contact_id = None
-        if record.contact is not None:
-            contact_id = self._apply_contact(conn, record.contact, record.action)
-        if record.action is not None and contact_id is not None:
-            self._apply_action(conn, record.action, contact_id)
-        if record.campaign is not None:
-            self._apply_campaign(conn, record.campaign)
-        conn.execute(
-            insert(applied_messages).values(key=record.key, kind=record.kind, applied_at=_now())
-        )
-        return "applied"
+    def _translate_any(self, exc: Exception) -> Exception:
+        """Database errors of SQLAlchemy or of the driver (PEP 249) → our error tree."""
+        self._campaign_stamps.clear()
+        if isinstance(exc, sa_exc.SQLAlchemyError):
+            return _translate(exc)
+        dbapi = self.engine.dialect.loaded_dbapi
+        name = type(exc).__name__
+        if isinstance(exc, dbapi.DataError):
+            return BackendRejectedError(f"database refused a value ({name})")
+        if isinstance(exc, dbapi.IntegrityError):
+            return BackendUnavailableError(f"concurrent write conflict ({name})")
+        if isinstance(exc, dbapi.Error):
+            return BackendUnavailableError(f"database unavailable ({name})")
+        raise exc
 
-    def _apply_contact(
-        self, conn: Connection, facts: ContactFacts, action: ActionRecord | None
-    ) -> int:
-        conditions = []
-        if facts.refs:
-            conditions.append(
-                and_(contact_keys.c.kind == "ref", contact_keys.c.value.in_(facts.refs))
-            )
-        if facts.emails:
-            conditions.append(
-                and_(contact_keys.c.kind == "email", contact_keys.c.value.in_(facts.emails))
-            )
-        ids = set(conn.execute(select(contact_keys.c.contact_id).where(or_(*conditions))).scalars())
-        if action is not None:
-            owner = conn.execute(
-                select(actions.c.contact_id).where(actions.c.action_id == action.action_id)
-            ).scalar()
-            if owner is not None:
-                ids.add(owner)
-        state = ContactState()
-        for contact_id in sorted(ids):
-            state.join(self._load_state(conn, contact_id))
-        known_keys = {("ref", ref) for ref in state.refs} | {("email", e) for e in state.emails}
-        state.absorb(facts)
-        row = _state_row(state)
-        if not ids:
-            inserted = conn.execute(insert(contacts).values(**row)).inserted_primary_key
-            assert inserted is not None
-            survivor = int(inserted[0])
-        else:
-            survivor = min(ids)
-            for other in sorted(ids - {survivor}):
-                self._merge_into(conn, other, survivor)
-            conn.execute(update(contacts).where(contacts.c.id == survivor).values(**row))
-        new_keys = [
-            {"kind": kind, "value": value, "contact_id": survivor}
-            for kind, value in sorted(
-                {("ref", ref) for ref in facts.refs} | {("email", e) for e in facts.emails}
-            )
-            if (kind, value) not in known_keys
-        ]
-        if new_keys:
-            conn.execute(insert(contact_keys), new_keys)
-        if facts.consent is not None:
-            self._insert_ignore(
-                conn,
-                consents,
-                {
-                    "contact_id": survivor,
-                    "action_id": facts.consent.action_id,
-                    "opt_in": facts.consent.opt_in,
-                    "given_at": facts.consent.given_at,
-                },
-                ["action_id", "opt_in", "given_at"],
-            )
-        if facts.status is not None:
-            self._insert_ignore(
-                conn,
-                email_status_history,
-                {
-                    "contact_id": survivor,
-                    "status": facts.status.status,
-                    "changed_at": facts.status.changed_at,
-                    "stamp": facts.status.stamp,
-                    "source": facts.status.source,
-                },
-                ["contact_id", "stamp"],
-            )
-        return survivor
-
-    def _load_state(self, conn: Connection, contact_id: int) -> ContactState:
-        row = conn.execute(select(contacts).where(contacts.c.id == contact_id)).one()
-        state = ContactState(
-            fields={name: (pair[0], pair[1]) for name, pair in row.fields.items()},
-            admitted=row.admitted,
-            real=row.real,
-            opted_in=row.opted_in,
-            opt_in_at=row.opt_in_at,
-            status=row.email_status,
-            status_changed=row.email_status_changed,
-            status_stamp=row.email_status_stamp,
-        )
-        for kind, value in conn.execute(
-            select(contact_keys.c.kind, contact_keys.c.value).where(
-                contact_keys.c.contact_id == contact_id
-            )
-        ):
-            (state.refs if kind == "ref" else state.emails).add(value)
-        return state
-
-    def _merge_into(self, conn: Connection, other: int, survivor: int) -> None:
-        """Move everything of contact ``other`` to ``survivor`` and delete ``other``."""
-        for table in (contact_keys, actions, consents):
-            conn.execute(
-                update(table).where(table.c.contact_id == other).values(contact_id=survivor)
-            )
-        statuses = conn.execute(
-            select(email_status_history).where(email_status_history.c.contact_id == other)
-        ).mappings()
-        for status in list(statuses):
-            values = dict(status)
-            values.pop("id")
-            values["contact_id"] = survivor
-            self._insert_ignore(conn, email_status_history, values, ["contact_id", "stamp"])
-        conn.execute(delete(email_status_history).where(email_status_history.c.contact_id == other))
-        conn.execute(delete(contacts).where(contacts.c.id == other))
-
-    def _apply_action(self, conn: Connection, record: ActionRecord, contact_id: int) -> None:
-        current = conn.execute(
-            select(actions.c.version, actions.c.contact_id).where(
-                actions.c.action_id == record.action_id
-            )
-        ).first()
-        values = {
-            "contact_id": contact_id,
-            "action_type": record.action_type,
-            "campaign": record.campaign,
-            "created_at": record.created_at,
-            "testing": record.testing,
-            "version": record.version,
-            "data": record.data,
-        }
-        if current is None:
-            conn.execute(insert(actions).values(action_id=record.action_id, **values))
-        elif record.version > current.version:
-            conn.execute(
-                update(actions).where(actions.c.action_id == record.action_id).values(**values)
-            )
-        elif current.contact_id != contact_id:
-            conn.execute(
-                update(actions)
-                .where(actions.c.action_id == record.action_id)
-                .values(contact_id=contact_id)
-            )
-
-    def _apply_campaign(self, conn: Connection, fact: CampaignFact) -> None:
-        known = self._campaign_stamps.get(fact.name)
-        if known is not None and known >= fact.stamp:
-            return
-        values = {
-            "title": fact.data.get("title"),
-            "external_id": fact.data.get("externalId"),
-            "stamp": fact.stamp,
-            "data": fact.data,
-        }
-        changed = conn.execute(
-            update(campaigns)
-            .where(campaigns.c.name == fact.name, campaigns.c.stamp < fact.stamp)
-            .values(**values)
-        ).rowcount
-        if not changed:
-            self._insert_ignore(conn, campaigns, {"name": fact.name, **values}, ["name"])
-        stored = conn.execute(
-            select(campaigns.c.stamp).where(campaigns.c.name == fact.name)
-        ).scalar()
-        # Only remember what is committed-to-be: a rollback clears the cache.
-        self._campaign_stamps[fact.name] = stored or fact.stamp
-
-    def _insert_ignore(
-        self, conn: Connection, table: Table, values: dict[str, Any], conflict: list[str]
-    ) -> None:
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            conn.execute(pg_insert(table).values(**values).on_conflict_do_nothing())
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            conn.execute(
-                sqlite_insert(table)
-                .values(**values)
-                .on_conflict_do_nothing(index_elements=conflict)
-            )
+    def _transaction(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
+        with self.engine.begin() as conn:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                writer = _BatchWriter(cursor, self._statements, self._campaign_stamps)
+                return writer.apply(records)
+            finally:
+                cursor.close()
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -525,7 +353,11 @@ class SqlBackend:
             consent_rows: dict[int, list[dict[str, Any]]] = {}
             for row in conn.execute(select(consents)):
                 consent_rows.setdefault(row.contact_id, []).append(
-                    {"actionId": row.action_id, "optIn": row.opt_in, "givenAt": row.given_at}
+                    {
+                        "actionId": row.action_id,
+                        "optIn": _OPT_IN_VALUES[row.opt_in],
+                        "givenAt": row.given_at or None,
+                    }
                 )
             status_rows: dict[int, list[dict[str, Any]]] = {}
             for row in conn.execute(select(email_status_history)):
@@ -618,7 +450,306 @@ class SqlBackend:
             }
 
 
-def _state_row(state: ContactState) -> dict[str, Any]:
+_OPT_IN_TEXT = {True: "true", False: "false", None: "null"}
+_OPT_IN_VALUES = {text: value for value, text in _OPT_IN_TEXT.items()}
+
+
+class _Statements:
+    """The write path's SQL, in the driver's parameter style, built once.
+
+    The hot path runs on the driver's cursor: building SQLAlchemy statements per
+    message costs several times more than executing them.
+    """
+
+    def __init__(self, dialect: str) -> None:
+        self.postgres = dialect == "postgresql"
+        self._cache: dict[tuple[int, int], str] = {}
+        json = "CAST(:{} AS JSONB)" if self.postgres else ":{}"
+        contact_columns = [name for name in _CONTACT_COLUMNS]
+        values = ", ".join(json.format(c) if c == "fields" else f":{c}" for c in contact_columns)
+        sets = ", ".join(
+            f"{c} = {json.format(c) if c == 'fields' else ':' + c}" for c in contact_columns
+        )
+        returning = " RETURNING id" if self.postgres else ""
+        self.insert_contact = self._q(
+            f"INSERT INTO contacts ({', '.join(contact_columns)}) VALUES ({values}){returning}"
+        )
+        self.update_contact = self._q(f"UPDATE contacts SET {sets} WHERE id = :id")
+        self.load_contact = self._q(
+            "SELECT admitted, fields, real, opted_in, opt_in_at, email_status, "
+            "email_status_changed, email_status_stamp FROM contacts WHERE id = :id"
+        )
+        self.load_keys = self._q("SELECT kind, value FROM contact_keys WHERE contact_id = :id")
+        self.insert_key = self._q(
+            "INSERT INTO contact_keys (kind, value, contact_id) VALUES (:kind, :value, :contact_id)"
+        )
+        self.move = {
+            table: self._q(f"UPDATE {table} SET contact_id = :survivor WHERE contact_id = :other")
+            for table in ("contact_keys", "actions", "consents")
+        }
+        self.copy_statuses = self._q(
+            "INSERT INTO email_status_history (contact_id, status, changed_at, stamp, source) "
+            "SELECT :survivor, status, changed_at, stamp, source FROM email_status_history "
+            "WHERE contact_id = :other ON CONFLICT DO NOTHING"
+        )
+        self.delete_statuses = self._q("DELETE FROM email_status_history WHERE contact_id = :other")
+        self.delete_contact = self._q("DELETE FROM contacts WHERE id = :other")
+        self.insert_consent = self._q(
+            "INSERT INTO consents (contact_id, action_id, opt_in, given_at) "
+            "VALUES (:contact_id, :action_id, :opt_in, :given_at) ON CONFLICT DO NOTHING"
+        )
+        self.insert_status = self._q(
+            "INSERT INTO email_status_history (contact_id, status, changed_at, stamp, source) "
+            "VALUES (:contact_id, :status, :changed_at, :stamp, :source) ON CONFLICT DO NOTHING"
+        )
+        self.action_owner = self._q(
+            "SELECT contact_id, version FROM actions WHERE action_id = :action_id"
+        )
+        action_columns = "contact_id, action_type, campaign, created_at, testing, version, data"
+        self.insert_action = self._q(
+            f"INSERT INTO actions (action_id, {action_columns}) VALUES (:action_id, "
+            f":contact_id, :action_type, :campaign, :created_at, :testing, :version, "
+            f"{json.format('data')})"
+        )
+        self.update_action = self._q(
+            "UPDATE actions SET contact_id = :contact_id, action_type = :action_type, "
+            "campaign = :campaign, created_at = :created_at, testing = :testing, "
+            f"version = :version, data = {json.format('data')} WHERE action_id = :action_id"
+        )
+        self.move_action = self._q(
+            "UPDATE actions SET contact_id = :contact_id WHERE action_id = :action_id"
+        )
+        self.update_campaign = self._q(
+            "UPDATE campaigns SET title = :title, external_id = :external_id, stamp = :stamp, "
+            f"data = {json.format('data')} WHERE name = :name AND stamp < :stamp"
+        )
+        self.insert_campaign = self._q(
+            "INSERT INTO campaigns (name, title, external_id, stamp, data) VALUES (:name, "
+            f":title, :external_id, :stamp, {json.format('data')}) ON CONFLICT DO NOTHING"
+        )
+        self.campaign_stamp = self._q("SELECT stamp FROM campaigns WHERE name = :name")
+        self.insert_applied = self._q(
+            "INSERT INTO applied_messages (key, kind, applied_at) VALUES (:key, :kind, :applied_at)"
+        )
+
+    def _q(self, sql: str) -> str:
+        return re.sub(r":(\w+)", r"%(\1)s", sql) if self.postgres else sql
+
+    def find_contacts(self, refs: int, emails: int) -> str:
+        """Contacts holding any of ``refs`` contact refs or ``emails`` e-mails (:r0…, :e0…)."""
+        key = (refs, emails)
+        sql = self._cache.get(key)
+        if sql is None:
+            parts = []
+            if refs:
+                names = ", ".join(f":r{i}" for i in range(refs))
+                parts.append(f"(kind = 'ref' AND value IN ({names}))")
+            if emails:
+                names = ", ".join(f":e{i}" for i in range(emails))
+                parts.append(f"(kind = 'email' AND value IN ({names}))")
+            sql = self._q(
+                "SELECT DISTINCT contact_id FROM contact_keys WHERE " + " OR ".join(parts)
+            )
+            self._cache[key] = sql
+        return sql
+
+    def applied(self, count: int) -> str:
+        names = ", ".join(f":k{i}" for i in range(count))
+        return self._q(f"SELECT key FROM applied_messages WHERE key IN ({names})")
+
+
+_CONTACT_COLUMNS = (
+    "admitted",
+    "email",
+    "first_name",
+    "last_name",
+    "postcode",
+    "country",
+    "fields",
+    "real",
+    "opted_in",
+    "opt_in_at",
+    "email_status",
+    "email_status_changed",
+    "email_status_stamp",
+    "subscribed",
+    "updated_at",
+)
+
+
+def _json_value(value: Any) -> Any:
+    """JSON columns come back as text from SQLite and decoded from PostgreSQL."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+class _BatchWriter:
+    """Applies one batch of records on one driver cursor, inside one transaction."""
+
+    def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
+        self.cursor = cursor
+        self.sql = sql
+        self.campaign_stamps = campaign_stamps
+        self.now = _now()
+
+    def _one(self, sql: str, params: dict[str, Any]) -> Any:
+        self.cursor.execute(sql, params)
+        return self.cursor.fetchone()
+
+    def apply(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
+        seen: set[str] = set()
+        keys = list(dict.fromkeys(r.key for r in records))
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            self.cursor.execute(
+                self.sql.applied(len(chunk)), {f"k{i}": key for i, key in enumerate(chunk)}
+            )
+            seen.update(row[0] for row in self.cursor.fetchall())
+        results: list[ApplyResult] = []
+        applied: list[dict[str, Any]] = []
+        for record in records:
+            if record.key in seen:
+                results.append("duplicate")
+                continue
+            seen.add(record.key)
+            contact_id = None
+            if record.contact is not None:
+                contact_id = self._contact(record.contact, record.action)
+            if record.action is not None and contact_id is not None:
+                self._action(record.action, contact_id)
+            if record.campaign is not None:
+                self._campaign(record.campaign)
+            applied.append({"key": record.key, "kind": record.kind, "applied_at": self.now})
+            results.append("applied")
+        if applied:
+            self.cursor.executemany(self.sql.insert_applied, applied)
+        return results
+
+    def _contact(self, facts: ContactFacts, action: ActionRecord | None) -> int:
+        refs, emails = sorted(facts.refs), sorted(facts.emails)
+        params = {f"r{i}": ref for i, ref in enumerate(refs)}
+        params.update({f"e{i}": email for i, email in enumerate(emails)})
+        self.cursor.execute(self.sql.find_contacts(len(refs), len(emails)), params)
+        ids = {row[0] for row in self.cursor.fetchall()}
+        if action is not None:
+            owner = self._one(self.sql.action_owner, {"action_id": action.action_id})
+            if owner is not None:
+                ids.add(owner[0])
+        state = ContactState()
+        for contact_id in sorted(ids):
+            state.join(self._load(contact_id))
+        known = {("ref", ref) for ref in state.refs} | {("email", e) for e in state.emails}
+        state.absorb(facts)
+        row = _state_row(state, self.now)
+        row["fields"] = orjson.dumps(row["fields"]).decode()
+        if not ids:
+            self.cursor.execute(self.sql.insert_contact, row)
+            survivor = int(
+                self.cursor.fetchone()[0] if self.sql.postgres else self.cursor.lastrowid
+            )
+        else:
+            survivor = min(ids)
+            for other in sorted(ids - {survivor}):
+                self._merge(other, survivor)
+            self.cursor.execute(self.sql.update_contact, {**row, "id": survivor})
+        new_keys = [
+            {"kind": kind, "value": value, "contact_id": survivor}
+            for kind, value in [("ref", r) for r in refs] + [("email", e) for e in emails]
+            if (kind, value) not in known
+        ]
+        if new_keys:
+            self.cursor.executemany(self.sql.insert_key, new_keys)
+        if facts.consent is not None:
+            self.cursor.execute(
+                self.sql.insert_consent,
+                {
+                    "contact_id": survivor,
+                    "action_id": facts.consent.action_id,
+                    "opt_in": _OPT_IN_TEXT[facts.consent.opt_in],
+                    "given_at": facts.consent.given_at or "",
+                },
+            )
+        if facts.status is not None:
+            self.cursor.execute(
+                self.sql.insert_status,
+                {
+                    "contact_id": survivor,
+                    "status": facts.status.status,
+                    "changed_at": facts.status.changed_at,
+                    "stamp": facts.status.stamp,
+                    "source": facts.status.source,
+                },
+            )
+        return survivor
+
+    def _load(self, contact_id: int) -> ContactState:
+        row = self._one(self.sql.load_contact, {"id": contact_id})
+        fields = _json_value(row[1])
+        state = ContactState(
+            fields={name: (pair[0], pair[1]) for name, pair in fields.items()},
+            admitted=bool(row[0]),
+            real=bool(row[2]),
+            opted_in=bool(row[3]),
+            opt_in_at=row[4],
+            status=row[5],
+            status_changed=row[6],
+            status_stamp=row[7],
+        )
+        self.cursor.execute(self.sql.load_keys, {"id": contact_id})
+        for kind, value in self.cursor.fetchall():
+            (state.refs if kind == "ref" else state.emails).add(value)
+        return state
+
+    def _merge(self, other: int, survivor: int) -> None:
+        """Move everything of contact ``other`` to ``survivor`` and delete ``other``."""
+        params = {"other": other, "survivor": survivor}
+        for sql in self.sql.move.values():
+            self.cursor.execute(sql, params)
+        self.cursor.execute(self.sql.copy_statuses, params)
+        self.cursor.execute(self.sql.delete_statuses, {"other": other})
+        self.cursor.execute(self.sql.delete_contact, {"other": other})
+
+    def _action(self, record: ActionRecord, contact_id: int) -> None:
+        current = self._one(self.sql.action_owner, {"action_id": record.action_id})
+        values = {
+            "action_id": record.action_id,
+            "contact_id": contact_id,
+            "action_type": record.action_type,
+            "campaign": record.campaign,
+            "created_at": record.created_at,
+            "testing": record.testing,
+            "version": record.version,
+            "data": orjson.dumps(record.data).decode(),
+        }
+        if current is None:
+            self.cursor.execute(self.sql.insert_action, values)
+        elif record.version > current[1]:
+            self.cursor.execute(self.sql.update_action, values)
+        elif current[0] != contact_id:
+            self.cursor.execute(
+                self.sql.move_action, {"action_id": record.action_id, "contact_id": contact_id}
+            )
+
+    def _campaign(self, fact: CampaignFact) -> None:
+        known = self.campaign_stamps.get(fact.name)
+        if known is not None and known >= fact.stamp:
+            return
+        values = {
+            "name": fact.name,
+            "title": fact.data.get("title"),
+            "external_id": fact.data.get("externalId"),
+            "stamp": fact.stamp,
+            "data": orjson.dumps(fact.data).decode(),
+        }
+        self.cursor.execute(self.sql.update_campaign, values)
+        if self.cursor.rowcount == 0:
+            self.cursor.execute(self.sql.insert_campaign, values)
+        stored = self._one(self.sql.campaign_stamp, {"name": fact.name})
+        # Cleared by the backend when the transaction fails, so it never runs ahead of
+        # what is committed.
+        self.campaign_stamps[fact.name] = stored[0] if stored else fact.stamp
+
+
+def _state_row(state: ContactState, now: str) -> dict[str, Any]:
     return {
         "admitted": state.admitted,
         "email": state.value("email"),
@@ -634,7 +765,7 @@ def _state_row(state: ContactState) -> dict[str, Any]:
         "email_status_changed": state.status_changed,
         "email_status_stamp": state.status_stamp,
         "subscribed": state.subscribed,
-        "updated_at": _now(),
+        "updated_at": now,
     }
 
 
