@@ -10,6 +10,7 @@ associative, idempotent — which is what makes the CRM independent of message o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +36,19 @@ def normalise_email(email: str | None) -> str | None:
     return key or None
 
 
+_WHOLE_SECONDS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+_MICROSECONDS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
 def timestamp_key(value: str | None) -> str:
     """A fixed-width UTC form of a wire timestamp that sorts as time does."""
     if not value:
         return ""
+    # The two forms the server emits are already UTC: only pad them (hot path).
+    if _WHOLE_SECONDS_UTC.fullmatch(value):
+        return value[:19] + ".000000Z"
+    if _MICROSECONDS_UTC.fullmatch(value):
+        return value
     return parse_timestamp(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

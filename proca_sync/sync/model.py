@@ -66,10 +66,10 @@ def body_digest(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=12).hexdigest()
 
 
-def _personal_fields(contact: Contact) -> dict[str, Any]:
+def _personal_fields(record: dict[str, Any]) -> dict[str, Any]:
     fields = {
         key: value
-        for key, value in contact.record().items()
+        for key, value in record.items()
         if key not in _NOT_PERSONAL_FIELDS and value is not None and value != ""
     }
     if "email" in fields:
@@ -134,6 +134,12 @@ def _model_action(message: ActionMessage, options: Options, digest: str) -> Sync
     data_key = created_key
     if not privacy.with_consent and privacy.given_at:
         data_key = min(created_key, timestamp_key(privacy.given_at))
+    # One serialisation of the parts kept as data (the hot path of every action).
+    wire = message.model_dump(
+        mode="json",
+        exclude_unset=True,
+        include={"action", "action_page", "tracking", "campaign", "contact"},
+    )
     refs, emails = _identities(message.contact)
     consent = None
     if privacy.with_consent:
@@ -141,17 +147,12 @@ def _model_action(message: ActionMessage, options: Options, digest: str) -> Sync
     contact = ContactFacts(
         refs=refs,
         emails=emails,
-        fields=_personal_fields(message.contact),
+        fields=_personal_fields(wire["contact"]),
         stamp=stamp(data_key, 1 if privacy.with_consent else 0, action_id),
         admit=True,
         real=not action.testing,
         consent=consent,
         status=_status_fact(privacy, f"action:{action_id}"),
-    )
-    wire = message.model_dump(
-        mode="json",
-        exclude_unset=True,
-        include={"action", "action_page", "action_page_id", "org_id", "org", "tracking"},
     )
     data = {
         "actionId": action_id,
@@ -178,7 +179,7 @@ def _model_action(message: ActionMessage, options: Options, digest: str) -> Sync
         data=data,
         version=f"{created_key}|{digest}",
     )
-    campaign = message.campaign.model_dump(mode="json", exclude_unset=True)
+    campaign = wire["campaign"]
     campaign["campaignId"] = message.campaign_id
     return SyncRecord(
         key=f"action:{action_id}:{digest}",
@@ -207,7 +208,7 @@ def _model_email_status(event: EmailStatusEvent, digest: str) -> SyncRecord:
     contact = ContactFacts(
         refs=refs,
         emails=emails,
-        fields=_personal_fields(supporter.contact),
+        fields=_personal_fields(supporter.contact.record()),
         stamp=stamp(data_key, 0, event.action_id),
         admit=privacy.email_status == DOUBLE_OPT_IN,
         real=not (event.action is not None and event.action.testing),

@@ -1,0 +1,381 @@
+"""A CRM reached over HTTP: every record is POSTed as JSON to one URL (a webhook).
+
+One request per record, ``Content-Type: application/json``, UTF-8 body::
+
+    {
+      "key": "action:1732850:83d1f5ba…",    the message's key (also Idempotency-Key)
+      "kind": "action",                     action | email_status | campaign_updated | …
+      "lane": "ref:MDWJu2fb…",              ordering key: a lane's records arrive in order
+      "contact": {                          null when the message is not about a supporter
+        "refs": ["…"],                      contact refs, sorted
+        "emails": ["…"],                    normalised e-mail addresses, sorted
+        "fields": {"firstName": "…", …},    present, non-empty values only (never blanks)
+        "stamp": "…",                       orders the fields above: the newest stamp wins
+        "admit": true,                      this message alone makes the contact visible
+        "testing": false,                   not a real supporter (``not real``)
+        "consent": {"actionId": 1, "optIn": true, "givenAt": "…"} | null,
+        "emailStatus": {"status": "…", "changedAt": "…", "stamp": "…", "source": "…"} | null
+      },
+      "action": {                           null for events without an action
+        "actionId": 1732850, "actionType": "register", "campaign": "…",
+        "createdAt": "…", "testing": true,
+        "version": "…",                     orders differing copies of one action
+        "data": {…}                         the action as received (custom fields, tracking…)
+      },
+      "campaign": {"name": "…", "data": {…}, "stamp": "…"} | null
+    }
+
+Every part is a *fact* to merge (see :mod:`proca_sync.sync.records`): newest stamp wins,
+sets grow, flags only switch on; so the order of two different lanes does not matter.
+
+Headers: ``Idempotency-Key: <key>``; ``X-Proca-Signature: sha256=<hex>`` — the
+HMAC-SHA256 of the exact body bytes with the shared secret — when a secret is configured;
+plus the configured ``headers`` (e.g. ``Authorization``).
+
+Answers, translated here into the error tree:
+
+* 2xx → ``"applied"``; 409 → ``"duplicate"`` (the CRM already holds this key);
+* 429, 408, 5xx, timeouts, refused or reset connections →
+  :class:`~proca_sync.errors.BackendUnavailableError` for the whole batch, with
+  ``retry_after`` from ``Retry-After`` (seconds or an HTTP-date) when given;
+* any other 4xx → :class:`~proca_sync.errors.BackendRejectedError` in that record's slot
+  (the message names the key and the status, never the response body);
+* anything else (1xx, 3xx: redirects are not followed) → transient: a misconfigured URL
+  must not park every message.
+
+Idempotency: records of one ``apply`` call are sent concurrently, one lane after another
+within the lane. When any of them fails transiently the whole batch is reported as not
+applied and will be offered again, although the CRM may already have stored some of its
+records. **The receiving end must therefore be idempotent by ``Idempotency-Key``**:
+answer 409 (or 2xx without changing anything) for a key it already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from proca_sync.crm.base import ApplyResult
+from proca_sync.errors import (
+    BackendRejectedError,
+    BackendUnavailableError,
+    ConfigError,
+    TransientError,
+)
+from proca_sync.sync.records import SyncRecord
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_TIMEOUT",
+    "IDEMPOTENCY_HEADER",
+    "SIGNATURE_HEADER",
+    "WebhookBackend",
+    "encode_record",
+    "parse_retry_after",
+    "record_payload",
+    "sign",
+]
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds for connecting, sending and reading one request (``?timeout=S`` in the URL)."""
+DEFAULT_MAX_CONNECTIONS = 64
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+SIGNATURE_HEADER = "X-Proca-Signature"
+
+
+def record_payload(record: SyncRecord) -> dict[str, Any]:
+    """The JSON-ready body of one record (the format in the module docstring)."""
+    contact: dict[str, Any] | None = None
+    if record.contact is not None:
+        facts = record.contact
+        contact = {
+            "refs": sorted(facts.refs),
+            "emails": sorted(facts.emails),
+            "fields": facts.fields,
+            "stamp": facts.stamp,
+            "admit": facts.admit,
+            "testing": not facts.real,
+            "consent": None
+            if facts.consent is None
+            else {
+                "actionId": facts.consent.action_id,
+                "optIn": facts.consent.opt_in,
+                "givenAt": facts.consent.given_at,
+            },
+            "emailStatus": None
+            if facts.status is None
+            else {
+                "status": facts.status.status,
+                "changedAt": facts.status.changed_at,
+                "stamp": facts.status.stamp,
+                "source": facts.status.source,
+            },
+        }
+    action: dict[str, Any] | None = None
+    if record.action is not None:
+        act = record.action
+        action = {
+            "actionId": act.action_id,
+            "actionType": act.action_type,
+            "campaign": act.campaign,
+            "createdAt": act.created_at,
+            "testing": act.testing,
+            "version": act.version,
+            "data": act.data,
+        }
+    campaign: dict[str, Any] | None = None
+    if record.campaign is not None:
+        campaign = {
+            "name": record.campaign.name,
+            "data": record.campaign.data,
+            "stamp": record.campaign.stamp,
+        }
+    return {
+        "key": record.key,
+        "kind": record.kind,
+        "lane": record.lane,
+        "contact": contact,
+        "action": action,
+        "campaign": campaign,
+    }
+
+
+def encode_record(record: SyncRecord) -> bytes:
+    """The body bytes of one record. Raises ``TypeError`` for a non-JSON value."""
+    return orjson.dumps(record_payload(record))
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-Proca-Signature`` value: ``sha256=`` + hex HMAC-SHA256 of ``body``."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or HTTP-date).
+
+    Returns ``None`` when absent or unreadable, ``0.0`` for a date in the past.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": RFC 5322 for "UTC, origin unknown"
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _split_url(url: str) -> tuple[str, float | None]:
+    """The URL to call without our own ``timeout`` parameter, and that parameter."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        raise ConfigError("webhook URL is not a valid URL") from None
+    if parsed.scheme not in {"http", "https"} or not parsed.host:
+        raise ConfigError("webhook URL must be http(s)://host/…")
+    raw = parsed.params.get("timeout")
+    if raw is None:
+        return url, None
+    try:
+        timeout = float(raw)
+    except ValueError:
+        raise ConfigError(f"webhook URL: timeout={raw!r} is not a number of seconds") from None
+    return str(parsed.copy_remove_param("timeout")), timeout
+
+
+def _unavailable(status: int, response: httpx.Response, what: str) -> BackendUnavailableError:
+    return BackendUnavailableError(
+        f"webhook answered HTTP {status} to {what}",
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+def _is_transient_status(status: int) -> bool:
+    return status in {408, 429} or status >= 500
+
+
+class WebhookBackend:
+    """POST each record as JSON to ``url``; one shared ``httpx.AsyncClient``.
+
+    ``timeout`` (seconds) bounds connecting, sending and reading each request; it
+    defaults to ``?timeout=S`` in the URL (removed from the URL before calling), else
+    :data:`DEFAULT_TIMEOUT`. ``max_connections`` bounds the requests in flight: further
+    records of a batch wait for a free connection (that wait is not timed). ``secret``
+    signs each body (``X-Proca-Signature``). Raises :class:`ConfigError` for a bad URL.
+    """
+
+    name = "webhook"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        secret: str | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        self.url, url_timeout = _split_url(url)
+        chosen = timeout if timeout is not None else url_timeout
+        self.timeout = DEFAULT_TIMEOUT if chosen is None else chosen
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ConfigError("webhook timeout must be a positive number of seconds")
+        if max_connections < 1:
+            raise ConfigError("webhook max_connections must be at least 1")
+        self.max_connections = max_connections
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "proca-sync",
+            **(headers or {}),
+        }
+        self._secret = secret.encode() if secret else None
+        self._client: httpx.AsyncClient | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the shared client (idempotent). Does not contact the CRM."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                headers=self._headers,
+                # pool=None: waiting for one of our own connections is not the CRM's
+                # slowness; each request's own connect/read/write is still bounded.
+                timeout=httpx.Timeout(self.timeout, pool=None),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_connections,
+                ),
+                follow_redirects=False,
+            )
+
+    async def close(self) -> None:
+        """Close the client and its connections; ``open`` may be called again."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _ensure_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            await self.open()
+        assert self._client is not None
+        return self._client
+
+    # ---- probing ----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """GET the URL. Any answer below 500 other than 408/429 means the CRM is up.
+
+        Raises :class:`BackendUnavailableError` otherwise (with ``retry_after``).
+        """
+        client = await self._ensure_client()
+        try:
+            response = await client.get(self.url, timeout=self.timeout)
+        except httpx.TimeoutException as exc:
+            raise BackendUnavailableError(
+                f"webhook ping timed out ({type(exc).__name__})"
+            ) from None
+        except httpx.RequestError as exc:
+            raise BackendUnavailableError(f"webhook unreachable ({type(exc).__name__})") from None
+        if _is_transient_status(response.status_code):
+            raise _unavailable(response.status_code, response, "ping")
+
+    # ---- writing ----------------------------------------------------------------------
+
+    async def apply(self, records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        """Send every record; one result per record, in order.
+
+        Records of one lane are sent one after the other, in batch order; lanes are
+        sent concurrently (at most ``max_connections`` requests in flight). Raises
+        :class:`BackendUnavailableError` when any record fails transiently — the other
+        records may have been stored by the CRM, which must be idempotent by key.
+        """
+        if not records:
+            return []
+        client = await self._ensure_client()
+        lanes: dict[str, list[int]] = {}
+        for index, record in enumerate(records):
+            lanes.setdefault(record.lane, []).append(index)
+        results: list[ApplyResult | None] = [None] * len(records)
+        failures: list[TransientError] = []
+        outcomes = await asyncio.gather(
+            *(
+                self._send_lane(client, records, indices, results, failures)
+                for indices in lanes.values()
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if failures:
+            first = failures[0]
+            waits = [f.retry_after for f in failures if f.retry_after is not None]
+            first.retry_after = max(waits) if waits else None
+            raise first
+        done = [result for result in results if result is not None]
+        assert len(done) == len(records)
+        return done
+
+    async def _send_lane(
+        self,
+        client: httpx.AsyncClient,
+        records: Sequence[SyncRecord],
+        indices: list[int],
+        results: list[ApplyResult | None],
+        failures: list[TransientError],
+    ) -> None:
+        for index in indices:
+            if failures:
+                # The batch will be offered again whole: sending more is wasted work.
+                return
+            try:
+                results[index] = await self._send(client, records[index])
+            except TransientError as exc:
+                failures.append(exc)
+                return
+
+    async def _send(self, client: httpx.AsyncClient, record: SyncRecord) -> ApplyResult:
+        try:
+            body = encode_record(record)
+        except TypeError:
+            return BackendRejectedError(f"record {record.key} holds a value JSON cannot carry")
+        headers = {IDEMPOTENCY_HEADER: record.key}
+        if self._secret is not None:
+            headers[SIGNATURE_HEADER] = sign(self._secret, body)
+        try:
+            response = await client.post(self.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise BackendUnavailableError(
+                f"webhook timed out on {record.key} ({type(exc).__name__})"
+            ) from None
+        except httpx.RequestError as exc:
+            raise BackendUnavailableError(
+                f"webhook unreachable for {record.key} ({type(exc).__name__})"
+            ) from None
+        status = response.status_code
+        if 200 <= status < 300:
+            return "applied"
+        if status == 409:
+            return "duplicate"
+        if 400 <= status < 500 and not _is_transient_status(status):
+            return BackendRejectedError(f"webhook refused {record.key} with HTTP {status}")
+        raise _unavailable(status, response, record.key)
