@@ -27,6 +27,7 @@ from proca_sync.crm.sql import DEFAULT_URL, SqlBackend
 from proca_sync.crypto import KeyPair, Keystore
 from proca_sync.engine import Engine, Summary
 from proca_sync.errors import ConfigError, ProcaSyncError
+from proca_sync.pipeline.commands import simulate, topology_app
 from proca_sync.sync.model import Options
 from proca_sync.sync.records import Mode
 
@@ -363,6 +364,12 @@ def crm_show(email: Annotated[str, typer.Argument(help="E-mail of the contact.")
     for entry in contact["emailStatusHistory"]:
         history.add_row(str(entry["status"]), str(entry["changedAt"]))
     out.print(history)
+
+
+# ---- pipeline: topology and traffic ------------------------------------------------------
+
+app.add_typer(topology_app, name="topology", help="Declare and inspect an org's Proca queues.")
+app.command("simulate")(simulate)
 
 
 def main() -> None:
