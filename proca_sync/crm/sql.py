@@ -430,21 +430,40 @@ class SqlBackend:
         contacts_out: list[dict[str, Any]] = self.export()["contacts"]
         return next((c for c in contacts_out if key in c["emails"]), None)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """Counts for summaries (no personal data): contacts, consent, statuses, actions."""
+        admitted = contacts.c.admitted.is_(True)
         with self._reading() as conn:
 
             def count(table: Table, *where: Any) -> int:
-                return int(
-                    conn.execute(select(func.count()).select_from(table).where(*where)).scalar()
-                    or 0
-                )
+                query = select(func.count()).select_from(table).where(*where)
+                return int(conn.execute(query).scalar() or 0)
 
+            statuses = {
+                str(status): int(n)
+                for status, n in conn.execute(
+                    select(contacts.c.email_status, func.count())
+                    .where(admitted, contacts.c.email_status.is_not(None))
+                    .group_by(contacts.c.email_status)
+                )
+            }
+            per_campaign = [
+                {"campaign": campaign, "actionType": kind, "actions": int(n)}
+                for campaign, kind, n in conn.execute(
+                    select(actions.c.campaign, actions.c.action_type, func.count())
+                    .group_by(actions.c.campaign, actions.c.action_type)
+                    .order_by(actions.c.campaign, actions.c.action_type)
+                )
+            ]
             return {
-                "contacts": count(contacts, contacts.c.admitted.is_(True)),
-                "subscribed": count(
-                    contacts, contacts.c.admitted.is_(True), contacts.c.subscribed.is_(True)
-                ),
+                "contacts": count(contacts, admitted),
+                "subscribed": count(contacts, admitted, contacts.c.subscribed.is_(True)),
+                "testing_contacts": count(contacts, admitted, contacts.c.real.is_(False)),
+                "pending_contacts": count(contacts, contacts.c.admitted.is_(False)),
+                "email_statuses": statuses,
                 "actions": count(actions),
+                "testing_actions": count(actions, actions.c.testing.is_(True)),
+                "actions_per_campaign": per_campaign,
                 "campaigns": count(campaigns),
                 "applied_messages": count(applied_messages),
             }
