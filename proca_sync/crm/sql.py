@@ -265,11 +265,20 @@ class SqlBackend:
         await self._run(self._ping_sync)
 
     def _ping_sync(self) -> None:
+        """Succeed only if a write could start now: a locked SQLite file is not "up"."""
         try:
             with self.engine.connect() as conn:
-                conn.execute(select(1))
+                if self.dialect == "sqlite":
+                    raw = conn.connection.dbapi_connection
+                    assert raw is not None
+                    raw.execute("BEGIN IMMEDIATE")
+                    raw.execute("ROLLBACK")
+                else:
+                    conn.execute(select(1))
         except sa_exc.SQLAlchemyError as exc:
             raise _translate(exc) from None
+        except Exception as exc:
+            raise self._translate_any(exc) from None
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
