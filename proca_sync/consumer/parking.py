@@ -31,20 +31,16 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine as SaEngine
-from sqlalchemy.engine import make_url
 from sqlalchemy.types import JSON
 
-from proca_sync.crm.sql import normalise_url
+from proca_sync.crm.sql import create_store_engine
 from proca_sync.engine import Engine
 from proca_sync.errors import BackendUnavailableError, ConfigError, PermanentError
 from proca_sync.sync.model import body_digest
@@ -138,20 +134,11 @@ class ParkingStore:
     """Durable store of parked messages. Thread-confined: every call runs on one thread."""
 
     def __init__(self, url: str) -> None:
-        self.url = normalise_url(url)
-        try:
-            parsed = make_url(self.url)
-        except sa_exc.ArgumentError:
-            raise ConfigError("parking store URL is not a database URL") from None
-        self.dialect = parsed.get_backend_name()
-        if self.dialect not in {"sqlite", "postgresql"}:
-            raise ConfigError(f"unsupported parking database {self.dialect!r}")
-        try:
-            self.engine: SaEngine = create_engine(self.url, hide_parameters=True)
-        except ModuleNotFoundError:
-            raise ConfigError("PostgreSQL needs the 'postgres' extra") from None
-        if self.dialect == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        # synchronous=FULL: a parked message is acked right after this commit.
+        self.engine, self.dialect = create_store_engine(
+            url, what="parking store", synchronous="FULL"
+        )
+        self.url = str(self.engine.url)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parking")
         self._ready = False
 
@@ -349,11 +336,3 @@ async def retry_parked(
             store.delete(parked_id)
         results.append(RetryResult(parked_id, outcome, reason))
     return results
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.close()
-

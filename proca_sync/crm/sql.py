@@ -58,7 +58,7 @@ from proca_sync.errors import (
 from proca_sync.sync.contacts import ContactState, normalise_email
 from proca_sync.sync.records import ActionRecord, CampaignFact, ContactFacts, SyncRecord
 
-__all__ = ["SCHEMA_VERSION", "SqlBackend", "normalise_url"]
+__all__ = ["SCHEMA_VERSION", "SqlBackend", "create_store_engine", "normalise_url"]
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:///proca-crm.db"
@@ -166,6 +166,51 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def create_store_engine(
+    url: str, *, what: str, echo: bool = False, synchronous: str = "NORMAL"
+) -> tuple[Engine, str]:
+    """An engine for one of our SQL stores (CRM, parked messages) and its dialect name.
+
+    SQLite runs in WAL mode with the given ``synchronous`` level and waits up to 15 s on
+    a lock (``?timeout=S`` in the URL overrides it); PostgreSQL connections are checked
+    before use. Statement parameters never appear in errors or logs. Raises
+    :class:`ConfigError` for an unusable URL or a missing driver.
+    """
+    url = normalise_url(url)
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        raise ConfigError(f"{what} URL is not a database URL") from None
+    dialect = parsed.get_backend_name()
+    if dialect not in {"sqlite", "postgresql"}:
+        raise ConfigError(f"unsupported {what} database {dialect!r} (sqlite or postgresql)")
+    kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
+    if dialect == "sqlite":
+        # A locked database waits this long before failing (a transient error).
+        if "timeout" not in parsed.query:
+            kwargs["connect_args"] = {"timeout": 15}
+    else:
+        kwargs["pool_pre_ping"] = True
+        kwargs["connect_args"] = {"connect_timeout": 5}
+    try:
+        engine = create_engine(url, **kwargs)
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "PostgreSQL needs the 'postgres' extra: pip install 'proca-sync[postgres]'"
+        ) from None
+    if dialect == "sqlite":
+
+        def pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        event.listen(engine, "connect", pragmas)
+    return engine, dialect
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -187,31 +232,8 @@ class SqlBackend:
     name = "sql"
 
     def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False) -> None:
-        self.url = normalise_url(url)
-        try:
-            parsed = make_url(self.url)
-        except sa_exc.ArgumentError:
-            raise ConfigError("CRM URL is not a database URL") from None
-        self.dialect = parsed.get_backend_name()
-        if self.dialect not in {"sqlite", "postgresql"}:
-            raise ConfigError(f"unsupported CRM database {self.dialect!r} (sqlite or postgresql)")
-        kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
-        if self.dialect == "sqlite":
-            # A locked database waits this long before failing (transient); ?timeout=S
-            # in the URL overrides it.
-            if "timeout" not in parsed.query:
-                kwargs["connect_args"] = {"timeout": 15}
-        else:
-            kwargs["pool_pre_ping"] = True
-            kwargs["connect_args"] = {"connect_timeout": 5}
-        try:
-            self.engine: Engine = create_engine(self.url, **kwargs)
-        except ModuleNotFoundError:
-            raise ConfigError(
-                "PostgreSQL needs the 'postgres' extra: pip install 'proca-sync[postgres]'"
-            ) from None
-        if self.dialect == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine, self.dialect = create_store_engine(url, what="CRM", echo=echo)
+        self.url = str(self.engine.url)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-sql")
         self._campaign_stamps: dict[str, str] = {}
         self._statements = _Statements(self.dialect)
@@ -814,11 +836,3 @@ def _export_action(row: Any) -> dict[str, Any]:
         "orgId": data.get("orgId"),
         "tracking": data.get("tracking"),
     }
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
