@@ -17,6 +17,7 @@ import pytest
 
 from proca_sync.crypto import Keystore, b64decode, b64encode
 from tests.conftest import FIXTURES, fixture_bytes
+from tests.support import vector
 from tests.support.builders import ORG, action, dumps
 
 TEST_VECTOR_ACTION: dict[str, Any] = {
@@ -29,12 +30,7 @@ TEST_VECTOR_ACTION: dict[str, Any] = {
         "email": "selina@example.org",
         "area": "DE",
     },
-    "personalInfo": {
-        "payload": "Tgj-z5KqufDffDFDVVMsvS8peX70BQR2gqB0qczeQWZkcl-vLZHoWkXCVF-CjNJrYxd7H4vzA6rLPf9keiKZh5OesoodLFUm9AObHf1RQodK3Eu4mhuyPL_rplK7B93cvsXjvt1HpEfjVa6_shpxXLcpFBV4x66P960Cu1C9AdCF3vZTKV7tlbwl",
-        "nonce": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYX",
-        "encryptKey": {"id": 12, "public": "W59ljG1wEj4oh90f9nEqK4fV_izE2XkkC6BMJtu8H2s"},
-        "signKey": {"id": 1, "public": "jYUbBVfmt_VOWFBcB255mrABQjB4zKe9a8i746GXkhw"},
-    },
+    "personalInfo": vector.personal_info(),
 }
 
 
@@ -66,14 +62,19 @@ def personal_strings(bodies: list[bytes]) -> set[str]:
         elif isinstance(node, list):
             for v in node:
                 walk(v, key)
-        elif isinstance(node, str) and key in {
-            "email",
-            "firstName",
-            "lastName",
-            "postcode",
-            "phone",
-            "street",
-        } and len(node) >= 4:
+        elif (
+            isinstance(node, str)
+            and key
+            in {
+                "email",
+                "firstName",
+                "lastName",
+                "postcode",
+                "phone",
+                "street",
+            }
+            and len(node) >= 4
+        ):
             found.add(node)
 
     for body in bodies:

@@ -9,16 +9,11 @@ from typing import Any
 import orjson
 
 from proca_sync.crypto import KeyPair, encrypt_record
+from tests.support import vector
 
-# The published test vector of crypto.md §7.
-INSTANCE = KeyPair(
-    public="jYUbBVfmt_VOWFBcB255mrABQjB4zKe9a8i746GXkhw",
-    private="VQvhl-ULFUd0eeO3HuC-nhdyX47E6eHBxdvI4bfwdr0",
-)
-ORG = KeyPair(
-    public="W59ljG1wEj4oh90f9nEqK4fV_izE2XkkC6BMJtu8H2s",
-    private="TDz284HQ3MSNM14zIHCXJdhoUs4geSL-qyfMAqmNlBA",
-)
+# The key pairs of the published test vector (crypto.md §7).
+INSTANCE = KeyPair(public=vector.SENDER_PUBLIC, private=vector.SENDER_PRIVATE)
+ORG = KeyPair(public=vector.RECIPIENT_PUBLIC, private=vector.RECIPIENT_PRIVATE)
 
 _BASE_ACTION: dict[str, Any] = {
     "schema": "proca:action:2",

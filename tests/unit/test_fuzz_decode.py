@@ -29,6 +29,14 @@ from proca_sync.messages import (
     decode,
     to_wire,
 )
+from tests.support.vector import (
+    NONCE,
+    PAYLOAD,
+    RECIPIENT_PRIVATE,
+    RECIPIENT_PUBLIC,
+    SENDER_PRIVATE,
+    SENDER_PUBLIC,
+)
 
 Loader = Callable[[str], bytes]
 
@@ -43,16 +51,6 @@ MESSAGE_TYPES = (
 )
 
 # crypto.md §7 test vector
-SENDER_PRIVATE = "VQvhl-ULFUd0eeO3HuC-nhdyX47E6eHBxdvI4bfwdr0"
-SENDER_PUBLIC = "jYUbBVfmt_VOWFBcB255mrABQjB4zKe9a8i746GXkhw"
-RECIPIENT_PRIVATE = "TDz284HQ3MSNM14zIHCXJdhoUs4geSL-qyfMAqmNlBA"
-RECIPIENT_PUBLIC = "W59ljG1wEj4oh90f9nEqK4fV_izE2XkkC6BMJtu8H2s"
-NONCE = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYX"
-PAYLOAD = (
-    "Tgj-z5KqufDffDFDVVMsvS8peX70BQR2gqB0qczeQWZkcl-vLZHoWkXCVF-CjNJrYxd7H4vzA6rLPf9keiKZh5Oeso"
-    "odLFUm9AObHf1RQodK3Eu4mhuyPL_rplK7B93cvsXjvt1HpEfjVa6_shpxXLcpFBV4x66P960Cu1C9AdCF3vZTKV7t"
-    "lbwl"
-)
 VECTOR_INFO = {
     "payload": PAYLOAD,
     "nonce": NONCE,

@@ -12,25 +12,16 @@ from proca_sync import crypto
 from proca_sync.errors import DecodeError, Reason
 from proca_sync.messages import ActionMessage, Stage, decode, to_wire, upgrade_v1
 from proca_sync.messages.schemas import ActionMessageV1
+from tests.support.vector import (
+    NONCE,
+    PAYLOAD,
+    PLAINTEXT,
+    RECIPIENT_PRIVATE,
+    RECIPIENT_PUBLIC,
+    SENDER_PUBLIC,
+)
 
 # crypto.md §7 test vector (published keys, never used for real data)
-SENDER_PUBLIC = "jYUbBVfmt_VOWFBcB255mrABQjB4zKe9a8i746GXkhw"
-RECIPIENT_PRIVATE = "TDz284HQ3MSNM14zIHCXJdhoUs4geSL-qyfMAqmNlBA"
-RECIPIENT_PUBLIC = "W59ljG1wEj4oh90f9nEqK4fV_izE2XkkC6BMJtu8H2s"
-NONCE = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYX"
-PAYLOAD = (
-    "Tgj-z5KqufDffDFDVVMsvS8peX70BQR2gqB0qczeQWZkcl-vLZHoWkXCVF-CjNJrYxd7H4vzA6rLPf9keiKZh5Oeso"
-    "odLFUm9AObHf1RQodK3Eu4mhuyPL_rplK7B93cvsXjvt1HpEfjVa6_shpxXLcpFBV4x66P960Cu1C9AdCF3vZTKV7t"
-    "lbwl"
-)
-PLAINTEXT = {
-    "firstName": "Simone",
-    "lastName": "de Beauvoir",
-    "email": "simone@example.org",
-    "country": "FR",
-    "postcode": "75001",
-    "area": "FR",
-}
 
 REF = "1E4HalXr1WJkKnaeSyOgI8zTG8cKMu-vgFzWqeICtxY"
 
