@@ -8,6 +8,6 @@ bash scripts/bootstrap.sh
 bash scripts/services.sh rabbitmq postgres
 export PGPASSWORD="${PGPASSWORD:-postgres}"
 . .venv/bin/activate
-echo "== ruff"; ruff check proca_sync tests bench
-echo "== mypy --strict"; mypy proca_sync
+echo "== ruff"; ruff check proca_sync tests bench reliability
+echo "== mypy --strict"; mypy proca_sync reliability
 echo "== pytest"; exec pytest "$@"

@@ -125,6 +125,9 @@ async def connect(
     except aiormq.exceptions.ConnectionNotAllowed:
         raise IntakeError(f"broker {where}: vhost missing or not allowed for this user") from None
     except aiormq.exceptions.AMQPConnectionError as exc:
+        tls = _tls_failure(exc)
+        if tls is not None:
+            raise IntakeError(f"TLS with {where} failed: {tls}") from None
         raise IntakeError(f"broker {where} refused the connection: {exc}") from None
     except OSError as exc:
         if isinstance(exc, ssl.SSLError):
@@ -132,6 +135,22 @@ async def connect(
         raise BrokerUnavailableError(f"broker {where} unreachable: {exc}") from None
     except TimeoutError:
         raise BrokerUnavailableError(f"broker {where} did not answer in time") from None
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The TLS error inside a wrapped connection error (aiormq wraps ``ssl.SSLError``)."""
+    seen: set[int] = set()
+    stack: list[object] = [exc]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or not isinstance(item, BaseException):
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLError):
+            return str(item)
+        stack.extend([item.__cause__, item.__context__, *item.args])
+    text = str(exc)
+    return text if "SSL" in text and "CERTIFICATE" in text.upper() else None
 
 
 async def queue_state(
