@@ -456,10 +456,17 @@ class Consumer:
             before = self.breaker.state
             try:
                 await asyncio.wait_for(self.engine.backend.ping(), timeout=PING_TIMEOUT)
-            except TransientError as exc:
-                self.breaker.probe_failed(exc.retry_after)
-            except Exception:
-                self.breaker.probe_failed()
+            except Exception as exc:
+                retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+                self.breaker.probe_failed(retry_after)
+                # One line per failed probe (they are seconds apart): an outage stays
+                # visible in the log, not only in /healthz.
+                log.warning(
+                    "CRM still unavailable (%s); next probe in %.1f s",
+                    type(exc).__name__, self.breaker.probe_delay(),
+                    extra={"fields": {"event": "probe_failed", "error": type(exc).__name__,
+                                      "next_probe_s": round(self.breaker.probe_delay(), 2)}},
+                )
             else:
                 self.breaker.probe_succeeded()
             self._breaker_changed(before)
