@@ -81,7 +81,7 @@ async def eventually(
             return result
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # sleep-ok: poll interval inside a deadline
 
 
 async def depth(channel: AbstractChannel, queue: str) -> int:
