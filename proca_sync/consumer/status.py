@@ -101,6 +101,13 @@ class Stats:
         if outcome in (Outcome.ACK, Outcome.PARK):
             now = time.monotonic()
             self._acks.append((now, 1))
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        # Done on every settle, not only when the rate is read: without a status line
+        # nobody reads it, and a service must not keep one entry per message forever.
+        while self._acks and now - self._acks[0][0] > _RATE_WINDOW:
+            self._acks.popleft()
 
     def batch_started(self) -> None:
         self.batches += 1
@@ -145,8 +152,7 @@ class Stats:
     def rate(self) -> float:
         """Acked or parked messages per second over the last few seconds."""
         now = time.monotonic()
-        while self._acks and now - self._acks[0][0] > _RATE_WINDOW:
-            self._acks.popleft()
+        self._prune(now)
         span = min(_RATE_WINDOW, max(now - self.started, 1e-3))
         return sum(n for _, n in self._acks) / span
 
