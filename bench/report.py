@@ -164,6 +164,60 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+# ---- the hand-written analysis ---------------------------------------------------------------
+
+
+class _Missing(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def _us_per_message(doc: dict[str, Any], name: str) -> float | None:
+    """Median CPU time of the consumer per message (µs), start-up included."""
+    case = doc["cases"].get(name) or {}
+    values = [r["consumer_cpu_seconds"] / r["n"] for r in case.get("runs", []) if r.get("n")]
+    return statistics.median(values) * 1e6 if values else None
+
+
+def analysis_values(doc: dict[str, Any]) -> dict[str, str]:
+    """The figures ``bench/analysis.md`` quotes (``{name}`` placeholders), from this run."""
+    values = _Missing(generated=str(doc.get("generated", "?")))
+
+    def put(key: str, value: float | None, fmt: str) -> None:
+        if value is not None:
+            values[key] = format(value, fmt)
+
+    rate = {name: _rate(doc, name) for name in doc["cases"]}
+    put("aiormq", rate.get("aiormq"), ",.0f")
+    put("aiormq_cores", _cores(doc, "aiormq"), ".2f")
+    put("aiormq_us", _us_per_message(doc, "aiormq"), ".0f")
+    put("aiopika", rate.get("aio-pika"), ",.0f")
+    put("aiopika_us", _us_per_message(doc, "aio-pika"), ".0f")
+    peer, peer_enc = rate.get("peer-clear"), rate.get("peer-encrypted")
+    put("peer_clear", peer, ",.0f")
+    put("peer_clear_cores", _cores(doc, "peer-clear"), ".2f")
+    put("peer_clear_broker", _cores(doc, "peer-clear", "broker_cores"), ".2f")
+    put("budget_us", None if not peer else 1e6 / peer, ".0f")
+    null, sqlite, pg = rate.get("proca-null"), rate.get("proca-sqlite"), rate.get("proca-postgres")
+    put("null_rate", null, ",.0f")
+    put("null_ratio", None if not (null and peer) else null / peer, ".2f")
+    put("null_cores", _cores(doc, "proca-null"), ".2f")
+    put("null_us", _us_per_message(doc, "proca-null"), ".0f")
+    put("sqlite_rate", sqlite, ",.0f")
+    put("sqlite_ratio", None if not (sqlite and peer_enc) else sqlite / peer_enc, ".2f")
+    put("sqlite_us", _us_per_message(doc, "proca-sqlite"), ",.0f")
+    put("sqlite_target", None if not peer_enc else 4 * peer_enc, ",.0f")
+    put("sqlite_target_us", None if not peer_enc else 1e6 / (4 * peer_enc), ".0f")
+    put("pg_rate", pg, ",.0f")
+    put("pg_ratio", None if not (pg and sqlite) else pg / sqlite, ".2f")
+    put("pg_cores", _cores(doc, "proca-postgres"), ".2f")
+    put("pg_server_cores", _cores(doc, "proca-postgres", "postgres_cores"), ".2f")
+    mem = doc["cases"].get("memory-1m") or {}
+    put("growth", mem.get("growth_bytes_per_message"), ".0f")
+    put("peak", mem.get("peak_mib"), ".0f")
+    return values
+
+
 # ---- plots --------------------------------------------------------------------------------
 
 
@@ -439,8 +493,8 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
             )
         out.append("")
 
-    if ANALYSIS.exists():
-        out += [ANALYSIS.read_text().rstrip(), ""]
+    if ANALYSIS.exists() and not s.get("quick"):
+        out += [ANALYSIS.read_text().rstrip().format_map(analysis_values(doc)), ""]
 
     out += [
         "## Method",

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import gzip
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -193,7 +194,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return document
 
 
+def _note_signal(signum: int, _frame: object) -> None:
+    # A run takes an hour on a shared machine: say why it ended if someone stops it.
+    _log(f"stopped by signal {signal.Signals(signum).name}")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _note_signal)
     args = parse_args(argv)
     document = asyncio.run(run_all(args))
     latest = args.out / "latest.json"
