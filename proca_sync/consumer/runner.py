@@ -184,12 +184,15 @@ class Consumer:
     # ---- intake ---------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # No await before the lane push: deliveries are queued in delivery order.
+        # No await at all: deliveries are queued in delivery order, and aiormq runs this
+        # callback as a task of the channel that it cancels when the channel closes. Work
+        # that must survive that (parking, then the ack or the count of a stale delivery)
+        # runs in a task of ours, which shutdown waits for.
         attempts = attempts_of(message.headers, self.settings.queue)
         delivery = self.intake.delivery(message, attempts, time.monotonic())
         self.stats.delivered()
         if self._stopping:
-            await self._give_back([delivery])
+            self._spawn(self._give_back([delivery]))
             return
         result: Ignored | BaseException
         try:
@@ -206,7 +209,7 @@ class Consumer:
         decision = decide(
             result, attempts=attempts, max_retries=self.settings.max_retries
         )
-        await self._settle([(delivery, decision)])
+        self._spawn(self._settle([(delivery, decision)]))
 
     def _on_reconnect(self) -> None:
         self.stats.reconnected()
@@ -423,7 +426,16 @@ class Consumer:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # A bug, not a message's fault: its delivery stays unacked and returns to the
+            # queue when the channel closes; say so once.
+            log.error("settlement task failed (%s)", type(exc).__name__,
+                      exc_info=log.isEnabledFor(logging.DEBUG),
+                      extra={"fields": {"event": "task_error", "error": type(exc).__name__}})
 
     # ---- breaker --------------------------------------------------------------------------
 
@@ -546,6 +558,8 @@ class Consumer:
                 await asyncio.gather(*unfinished, return_exceptions=True)
         # Batches that ended with "hold" put their messages back in the lanes.
         await self._give_back(self.lanes.drain())
+        if self._tasks:  # settlements of deliveries that arrived while stopping
+            await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout)
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)

@@ -177,6 +177,7 @@ class Stats:
             "retried": self.outcomes[Outcome.RETRY.value],
             "parked": self.outcomes[Outcome.PARK.value],
             "returned": self.outcomes["returned"],
+            "in_flight": self.in_flight,  # 0 after a clean stop: every delivery accounted for
             "reconnects": self.reconnects,
             "by_label": dict(sorted(self.labels.items())),
         }

@@ -137,6 +137,45 @@ async def test_cut_connection_reconnects_and_finishes(
     assert await consumer_org.depths() == [0, 0]
 
 
+async def test_parking_cut_short_by_a_lost_channel_is_not_lost_count(
+    consumer_org: ConsumerOrg, consumer_processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """The channel closes while poison is being parked (the parking store is locked, so
+    parking waits). aiormq cancels the channel's delivery callbacks then; the parking and
+    the count of those deliveries must still finish, so the redelivered copies are parked
+    once and ``--exit-when-idle`` sees nothing left in flight."""
+    require_rabbitmqctl()
+    parked_file = tmp_path / "parked.db"
+    ParkingStore(f"sqlite:///{parked_file}").open_sync()  # schema exists before the lock
+    process = await ConsumerProcess(
+        consumer_org, "--crm", f"sqlite:///{tmp_path / 'crm.db'}",
+        "--parked", f"sqlite:///{parked_file}", "--metrics-port", "0", "--exit-when-idle",
+    ).start()
+    consumer_processes.append(process)
+    await eventually(lambda: bool(process.event("metrics")), within=30, what="metrics port")
+    port = process.event("metrics")[0]["port"]
+    locker = sqlite3.connect(parked_file, isolation_level=None, timeout=1)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        poison = [b"not json %d {" % n for n in range(5)]
+        await consumer_org.publish(poison)
+        await eventually(lambda: metric(port, "proca_sync_in_flight") == len(poison),
+                         within=30, what="the poison received and waiting to be parked")
+        assert close_connections_named(consumer_org.queue) == 1
+        await eventually(lambda: bool(process.event("reconnected")), within=30,
+                         what="the consumer to reconnect")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert await process.wait(within=60) == 0, "\n".join(process.lines[-20:])
+    (stopped,) = process.event("stopped")
+    assert stopped["reason"] == "idle" and stopped["in_flight"] == 0
+    rows = parked_rows(f"sqlite:///{parked_file}")
+    assert {reason for reason, _ in rows.values()} == {"invalid_json"}
+    assert len(rows) == len(poison)
+    assert await consumer_org.depths() == [0, 0]
+
+
 @pytest.mark.slow
 async def test_sigterm_finishes_in_flight_work_and_leaves_the_rest_queued(
     consumer_org: ConsumerOrg, consumer_processes: list[ConsumerProcess], tmp_path: Path
