@@ -353,6 +353,19 @@ def _targets_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _remeasured(doc: dict[str, Any]) -> list[str]:
+    """Lines naming the cases measured after the run above (``bench.run --merge``)."""
+    later = doc.get("remeasured") or {}
+    if not later:
+        return []
+    items = "; ".join(
+        f"`{name}` on {entry['measured']} (`{entry['command']}`)"
+        for name, entry in sorted(later.items())
+    )
+    return [f"Re-measured later, same machine and broker, with `--merge`: {items}. "
+            "Their targets do not compare with the baselines of the run above.", ""]
+
+
 def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dict[str, str]) -> str:
     m, s, cases = doc["machine"], doc["settings"], doc["cases"]
     base = {name: _rate(doc, name) for name in BASELINES}
@@ -367,10 +380,11 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
         + (" (**quick mode**: figures are indicative only)" if s.get("quick") else "")
         + ".",
         "",
+        *_remeasured(doc),
         "**One command:** `bash bench/run.sh` (bootstraps the venv, RabbitMQ, PostgreSQL and "
         "the Node peer, then runs `python -m bench.run`). Options: `--quick`, `--n N`, "
         "`--repeat R`, `--only CASE…`, `--skip CASE…`, `--no-node`, `--no-profile`, "
-        "`--memory-n N`, `--out DIR`.",
+        "`--memory-n N`, `--out DIR`, `--merge`.",
         "",
         "## Machine",
         "",

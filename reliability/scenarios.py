@@ -335,7 +335,7 @@ async def scenario_crash(ctx: Context, result: ScenarioResult) -> None:
             args=[*args, "--exit-when-idle"],
         ).start()
         consumers.append(final)
-        await drain(final, result, within=300)
+        await drain(final, result, within=sized(ctx, 90, 300))
         await finish_sql(ctx, result, s)
     finally:
         await cleanup(s.org, *consumers)
@@ -384,7 +384,7 @@ async def scenario_broker_restart(ctx: Context, result: ScenarioResult) -> None:
                 f" consumer reconnected {took:.1f} s after start_app"
             )
             result.check(f"consumer alive through restart {number}", consumer.running)
-        await drain(consumer, result, within=300)
+        await drain(consumer, result, within=sized(ctx, 90, 300))
         result.check("connection loss logged", len(consumer.event("connection_lost")) >= 2,
                      f"{len(consumer.event('connection_lost'))} connection_lost lines")  # fmt: skip
         await finish_sql(ctx, result, s)
@@ -446,7 +446,7 @@ async def scenario_proxy(ctx: Context, result: ScenarioResult) -> None:
         await eventually(lambda: len(consumer.event("reconnected")) >= 2, within=60,
                          what="reconnect after the second drop")  # fmt: skip
         result.note(f"drop: {cut} connection(s) reset, reconnect allowed at once")
-        await drain(consumer, result, within=300)
+        await drain(consumer, result, within=sized(ctx, 90, 300))
         result.check(
             "two reconnects",
             len(consumer.event("reconnected")) >= 2,
@@ -511,7 +511,7 @@ async def scenario_postgres(ctx: Context, result: ScenarioResult) -> None:
                 f"(10 retry cycles of 0.5 s would last ~5 s); breaker opened {opened_after:.1f} s "
                 "after the crash and closed after the restart"
             )
-            await drain(consumer, result, within=300)
+            await drain(consumer, result, within=sized(ctx, 90, 300))
             await finish_sql(ctx, result, s)
             assert result.verdict is not None
             transient = {r: n for r, n in result.verdict.parked.items()
@@ -559,7 +559,7 @@ async def scenario_webhook(ctx: Context, result: ScenarioResult) -> None:
                 windows.append((label, time.monotonic()))
                 inject()
                 result.note(f"at {stored()} stored: {label}")
-            await drain(consumer, result, within=300)
+            await drain(consumer, result, within=sized(ctx, 90, 300))
 
             received = crm.received()
             opened = len(consumer.event("breaker", state="open"))
