@@ -81,6 +81,11 @@ class Stats:
         self.batch_seconds = Histogram(
             "proca_sync_batch_seconds", "Duration of CRM batch calls", registry=self.registry,
         )
+        # Gauges read at scrape time, and the labelled children looked up once: the
+        # per-message path only adds to plain integers.
+        self._in_flight.set_function(lambda: self.in_flight)
+        self._batches.set_function(lambda: self.batches)
+        self._children: dict[tuple[str, str], Any] = {}
         self.set_breaker(BreakerState.CLOSED)
 
     # ---- updates ----------------------------------------------------------------------
@@ -89,15 +94,18 @@ class Stats:
         self.received += 1
         self.in_flight += 1
         self._received.inc()
-        self._in_flight.set(self.in_flight)
 
     def settled(self, outcome: Outcome, label: str) -> None:
         """One delivery left our hands (``outcome`` is never ``HOLD``)."""
         self.in_flight -= 1
-        self._in_flight.set(self.in_flight)
         self.outcomes[outcome.value] += 1
         self.labels[label] += 1
-        self._messages.labels(outcome.value, label).inc()
+        child = self._children.get((outcome.value, label))
+        if child is None:
+            child = self._children[(outcome.value, label)] = self._messages.labels(
+                outcome.value, label
+            )
+        child.inc()
         if outcome in (Outcome.ACK, Outcome.PARK):
             now = time.monotonic()
             self._acks.append((now, 1))
@@ -111,17 +119,14 @@ class Stats:
 
     def batch_started(self) -> None:
         self.batches += 1
-        self._batches.set(self.batches)
 
     def batch_finished(self, seconds: float) -> None:
         self.batches -= 1
-        self._batches.set(self.batches)
         self.batch_seconds.observe(seconds)
 
     def returned(self, count: int = 1) -> None:
         """Deliveries given back unsettled (their channel closed, or shutdown)."""
         self.in_flight -= count
-        self._in_flight.set(self.in_flight)
         self.outcomes["returned"] += count
 
     def set_depth(self, depth: int | None, fail_depth: int | None = None) -> None:
