@@ -353,17 +353,16 @@ def _targets_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _remeasured(doc: dict[str, Any]) -> list[str]:
-    """Lines naming the cases measured after the run above (``bench.run --merge``)."""
-    later = doc.get("remeasured") or {}
-    if not later:
+def _carried(doc: dict[str, Any]) -> list[str]:
+    """Lines naming the cases carried over from an earlier run (``bench.run --merge``)."""
+    earlier = doc.get("carried") or {}
+    if not earlier:
         return []
     items = "; ".join(
-        f"`{name}` on {entry['measured']} (`{entry['command']}`)"
-        for name, entry in sorted(later.items())
+        f"`{name}` ({entry['measured']}, `{entry['command']}`)"
+        for name, entry in sorted(earlier.items())
     )
-    return [f"Re-measured later, same machine and broker, with `--merge`: {items}. "
-            "Their targets do not compare with the baselines of the run above.", ""]
+    return [f"Carried over from an earlier run on the same machine (`--merge`): {items}.", ""]
 
 
 def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dict[str, str]) -> str:
@@ -380,7 +379,7 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
         + (" (**quick mode**: figures are indicative only)" if s.get("quick") else "")
         + ".",
         "",
-        *_remeasured(doc),
+        *_carried(doc),
         "**One command:** `bash bench/run.sh` (bootstraps the venv, RabbitMQ, PostgreSQL and "
         "the Node peer, then runs `python -m bench.run`). Options: `--quick`, `--n N`, "
         "`--repeat R`, `--only CASE…`, `--skip CASE…`, `--no-node`, `--no-profile`, "

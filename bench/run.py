@@ -7,11 +7,10 @@ Writes ``<out>/latest.json`` (machine, commands, every figure, the targets) and 
 plots, and regenerates ``BENCHMARKS.md`` (at the repository root for the default
 ``--out bench/results``, else inside ``<out>``). ``--quick`` (N = 2,000, one repeat, no
 1M-message case, no profile, the slow CRM at concurrency 1 and 16) takes about a minute.
-``--merge`` re-measures only the selected cases and keeps every other case (and the
-profile) of the existing ``latest.json``; each case carries the time it was measured, and
-the report names the cases that come from a later run than the rest. Use it only for
-cases whose targets do not compare with the baselines (``slow-crm``, ``memory-1m``): a
-ratio holds only between cases of one run.
+``--merge`` keeps, from the existing ``latest.json``, every case (and the profile) that
+this run does not measure; the report names each carried-over case and its run. Carry
+over only cases whose targets do not compare with the baselines (``slow-crm``,
+``memory-1m``): a ratio holds only between cases of one run.
 
 Exit status: 0 when every selected case ran (targets missed or not), 1 when a case
 crashed, 2 for bad options. Needs RabbitMQ (``--amqp-url``), PostgreSQL for the
@@ -203,19 +202,25 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def merge(previous: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
-    """``previous`` with the cases of ``fresh`` replaced; the run's header stays the
-    previous one, and ``remeasured`` lists the cases measured later (with when)."""
-    merged = dict(previous)
-    merged["cases"] = {**previous["cases"], **fresh["cases"]}
+    """``fresh`` plus the cases of ``previous`` that it did not measure; those are listed
+    in ``carried`` with the run they come from."""
+    merged = dict(fresh)
+    merged["cases"] = dict(fresh["cases"])
+    carried = {
+        name: entry
+        for name, entry in (previous.get("carried") or {}).items()
+        if name not in fresh["cases"]
+    }
     for name, case in previous["cases"].items():
-        if name not in fresh["cases"]:
-            merged["cases"][name] = {"measured": previous["generated"], **case}
-    remeasured = dict(previous.get("remeasured", {}))
-    for name in fresh["cases"]:
-        remeasured[name] = {"measured": fresh["generated"], "command": fresh["command"],
-                            "machine": fresh["machine"]}  # fmt: skip
-    merged["remeasured"] = remeasured
+        if name in fresh["cases"]:
+            continue
+        merged["cases"][name] = {"measured": previous["generated"], **case}
+        carried.setdefault(name, {"measured": case.get("measured", previous["generated"]),
+                                  "command": previous["command"]})  # fmt: skip
+    merged["carried"] = carried
     merged["commands"] = {**previous.get("commands", {}), **fresh.get("commands", {})}
+    if previous.get("profile", {}).get("status") == "ok" and fresh["profile"]["status"] != "ok":
+        merged["profile"] = {"measured": previous["generated"], **previous["profile"]}
     merged["targets"] = report.evaluate(merged)
     return merged
 

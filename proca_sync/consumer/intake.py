@@ -207,7 +207,10 @@ class AckBook:
     def pending(self) -> int:
         return len(self._to_ack)
 
-    def frames(self) -> list[tuple[int, bool]]:
+    def frames(self, *, singles: bool = True) -> list[tuple[int, bool]]:
+        """The acks to send now. With ``singles=False`` acked tags after a gap are kept
+        back: when the gap closes, the multiple ack of the prefix covers them in one
+        frame (the caller sends them on their own a little later if it does not)."""
         frames: list[tuple[int, bool]] = []
         last_acked = 0
         tag = self._floor + 1
@@ -221,6 +224,8 @@ class AckBook:
         self._floor = tag - 1
         if last_acked:
             frames.append((last_acked, True))
+        if not singles:
+            return frames
         for single in sorted(self._to_ack):
             frames.append((single, False))
             self._settled.add(single)
@@ -377,13 +382,24 @@ class Intake:
         if book is not None and not delivery.stale:
             book.ack(delivery.tag)
 
-    async def flush(self) -> None:
-        """Send the pending acks of every open channel (batched where contiguous)."""
+    @property
+    def pending_acks(self) -> int:
+        """Acks decided but not sent (held behind a gap by ``flush(singles=False)``)."""
+        return sum(book.pending for channel, book in self._books.items() if not channel.is_closed)
+
+    async def flush(self, *, singles: bool = True) -> None:
+        """Send the pending acks of every open channel (batched where contiguous).
+
+        ``singles=False`` sends only the multiple ack of each channel's settled prefix,
+        unless the acks held behind a gap reach a quarter of the prefetch (held acks
+        count against it: the broker would stop delivering).
+        """
+        hold_limit = max(1, self.settings.effective_prefetch // 4)
         for channel, book in list(self._books.items()):
             if channel.is_closed:
                 self._books.pop(channel, None)
                 continue
-            for tag, multiple in book.frames():
+            for tag, multiple in book.frames(singles=singles or book.pending >= hold_limit):
                 try:
                     await channel.basic_ack(tag, multiple=multiple)
                 except aiormq.exceptions.AMQPError:

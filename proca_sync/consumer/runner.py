@@ -61,6 +61,8 @@ __all__ = ["Consumer", "ExitStatus", "serve"]
 log = logging.getLogger("proca_sync.consumer")
 
 PING_TIMEOUT = 30.0
+ACK_HOLD = 0.05
+"""Seconds an ack may wait for the gap before it to close (then it is sent alone)."""
 
 
 class ExitStatus(IntEnum):
@@ -119,6 +121,9 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_wanted = False
+        self._late_flush: asyncio.TimerHandle | None = None
+        self._flush_singles = False
+        self._stopped = False
         self._probe_batch = False
         self.stop_reason = ""
 
@@ -418,10 +423,26 @@ class Consumer:
             self._flush_task = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
+        # The only sender of acks while running: two flushes interleaving their frames
+        # could send a multiple ack over a tag that the other then acks alone.
         while self._flush_wanted:
             self._flush_wanted = False
             await asyncio.sleep(0)
-            await self.intake.flush()
+            # Acks behind a gap (a message of another lane still running) usually get
+            # covered by the next multiple ack; one frame per message otherwise costs
+            # a write each. Those still held after ACK_HOLD go out on their own.
+            singles, self._flush_singles = self._flush_singles, False
+            await self.intake.flush(singles=singles)
+        if self.intake.pending_acks and self._late_flush is None and not self._stopped:
+            self._late_flush = asyncio.get_running_loop().call_later(
+                ACK_HOLD, self._flush_held
+            )
+
+    def _flush_held(self) -> None:
+        self._late_flush = None
+        if not self._stopped:
+            self._flush_singles = True
+            self._request_flush()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -565,6 +586,9 @@ class Consumer:
         await asyncio.gather(*helpers, return_exceptions=True)
         if self._flush_task is not None:
             await asyncio.gather(self._flush_task, return_exceptions=True)
+        self._stopped = True
+        if self._late_flush is not None:
+            self._late_flush.cancel()
         with contextlib.suppress(Exception):
             await self.intake.flush()
         await self.intake.close()

@@ -68,7 +68,7 @@ def test_random_settlement_orders(n: int, seed: int) -> None:
             book.ack(tag)
             decided.add(tag)
         if rng.random() < 0.4:
-            for frame_tag, multiple in book.frames():
+            for frame_tag, multiple in book.frames(singles=rng.random() < 0.5):
                 covered = {t for t in unsettled if t <= frame_tag} if multiple else {frame_tag}
                 assert frame_tag in unsettled, "acking a tag the broker no longer holds"
                 assert covered <= decided, "a multiple ack covered an undecided tag"
@@ -79,3 +79,24 @@ def test_random_settlement_orders(n: int, seed: int) -> None:
         assert covered <= decided
         unsettled -= covered
     assert unsettled == set()
+
+
+def test_acks_behind_a_gap_can_wait_for_the_prefix() -> None:
+    book = AckBook()
+    book.ack(1)
+    book.ack(3)
+    book.ack(4)  # 2 is still being handled
+    assert book.frames(singles=False) == [(1, True)]
+    assert book.pending == 2  # 3 and 4 wait for 2
+    book.ack(2)
+    assert book.frames(singles=False) == [(4, True)]  # one frame covers 2, 3 and 4
+    assert book.pending == 0
+
+
+def test_held_acks_go_out_alone_when_asked() -> None:
+    book = AckBook()
+    book.ack(2)
+    assert book.frames(singles=False) == []
+    assert book.frames() == [(2, False)]
+    book.ack(1)
+    assert book.frames(singles=False) == [(1, True)]  # 2 is settled already: not named
