@@ -53,16 +53,21 @@ answer 409 (or 2xx without changing anything) for a key it already holds.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import math
+import re
+import urllib.request
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
+from aiohttp.abc import AbstractStreamWriter
+from yarl import URL
 
 from proca_sync.crm.base import ApplyResult
 from proca_sync.errors import (
@@ -184,28 +189,81 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_HEADER_VALUE = re.compile(r"[^\t\x20-\x7e]")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_KEEPALIVE_EXPIRY = 5.0
+"""Seconds an idle connection is kept for reuse; idle ones are closed after it."""
+
+
 def _split_url(url: str) -> tuple[str, float | None]:
     """The URL to call without our own ``timeout`` parameter, and that parameter."""
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
+        if _CONTROL.search(url):
+            raise ValueError("control character")
+        parsed = URL(url)
+        # Port and host are checked lazily by yarl: read them now.
+        port, host = parsed.port, parsed.raw_host
+    except (ValueError, TypeError):
         raise ConfigError("webhook URL is not a valid URL") from None
-    if parsed.scheme not in {"http", "https"} or not parsed.host:
+    if parsed.scheme not in {"http", "https"} or not host or port is None:
         raise ConfigError("webhook URL must be http(s)://host/…")
-    raw = parsed.params.get("timeout")
+    raw = parsed.query.get("timeout")
     if raw is None:
         return url, None
     try:
         timeout = float(raw)
     except ValueError:
         raise ConfigError(f"webhook URL: timeout={raw!r} is not a number of seconds") from None
-    return str(parsed.copy_remove_param("timeout")), timeout
+    rest = [(name, value) for name, value in parsed.query.items() if name != "timeout"]
+    return str(parsed.with_query(rest)), timeout
 
 
-def _unavailable(status: int, response: httpx.Response, what: str) -> BackendUnavailableError:
+def _check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse configured headers that cannot go on the wire (names only in the error)."""
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise ConfigError(f"webhook header name {name!r} is not an HTTP token")
+        if _NOT_HEADER_VALUE.search(value):
+            raise ConfigError(
+                f"webhook header {name}: the value must be printable ASCII (no line breaks)"
+            )
+
+
+def _basic_auth(url: URL) -> str | None:
+    """``Authorization`` for credentials written in the URL (``https://user:pw@host/``)."""
+    user, password = url.user or "", url.password or ""
+    if not (user or password):
+        return None
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def _env_proxy(url: URL) -> URL | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``ALL_PROXY``…),
+    unless ``NO_PROXY`` exempts its host; read once per session.
+
+    Credentials in the proxy URL are sent to the proxy (``Proxy-Authorization``).
+    """
+    proxies = urllib.request.getproxies_environment()
+    value = proxies.get(url.scheme) or proxies.get("all")
+    if not value or urllib.request.proxy_bypass(url.raw_host or ""):
+        return None
+    if "://" not in value:
+        value = "http://" + value
+    try:
+        proxy = URL(value)
+        host = proxy.raw_host
+    except ValueError:
+        raise ConfigError("the proxy named by the environment is not a valid URL") from None
+    if proxy.scheme not in {"http", "https"} or not host:
+        raise ConfigError("the proxy named by the environment must be http(s)://host:port")
+    return proxy
+
+
+def _unavailable(status: int, retry_after: str | None, what: str) -> BackendUnavailableError:
     return BackendUnavailableError(
         f"webhook answered HTTP {status} to {what}",
-        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        retry_after=parse_retry_after(retry_after),
     )
 
 
@@ -213,14 +271,42 @@ def _is_transient_status(status: int) -> bool:
     return status in {408, 429} or status >= 500
 
 
+_BUFFERED_BODY = 32 * 1024
+"""Bodies up to this size are handed to the transport whole, without waiting for the
+CRM to read them (aiohttp waits above 64 KiB): sending them needs no timeout."""
+
+
+class _Body(aiohttp.BytesPayload):
+    """A JSON body whose sending is bounded by ``timeout`` (a write timeout).
+
+    aiohttp bounds connecting (``sock_connect``) and each read (``sock_read``) but has no
+    write timeout: a CRM that stops reading would hold a large body forever.
+    """
+
+    def __init__(self, value: bytes, timeout: float) -> None:
+        super().__init__(value, content_type="application/json")
+        self._send_timeout = timeout
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        async with asyncio.timeout(self._send_timeout):
+            await super().write(writer)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        async with asyncio.timeout(self._send_timeout):
+            await super().write_with_length(writer, content_length)
+
+
 class WebhookBackend:
-    """POST each record as JSON to ``url``; one shared ``httpx.AsyncClient``.
+    """POST each record as JSON to ``url``; one ``aiohttp.ClientSession`` per backend.
 
     ``timeout`` (seconds) bounds connecting, sending and reading each request; it
     defaults to ``?timeout=S`` in the URL (removed from the URL before calling), else
     :data:`DEFAULT_TIMEOUT`. ``max_connections`` bounds the requests in flight: further
     records of a batch wait for a free connection (that wait is not timed). ``secret``
-    signs each body (``X-Proca-Signature``). Raises :class:`ConfigError` for a bad URL.
+    signs each body (``X-Proca-Signature``). Raises :class:`ConfigError` for a bad URL
+    or a header that cannot be sent.
     """
 
     name = "webhook"
@@ -242,42 +328,60 @@ class WebhookBackend:
         if max_connections < 1:
             raise ConfigError("webhook max_connections must be at least 1")
         self.max_connections = max_connections
+        _check_headers(headers or {})
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": "proca-sync",
             **(headers or {}),
         }
+        # Credentials in the URL become the Authorization header (they win over a
+        # configured one); the URL called carries none.
+        target = URL(self.url)
+        auth = _basic_auth(target)
+        if auth is not None:
+            self._headers = {k: v for k, v in self._headers.items() if k.lower() != "authorization"}
+            self._headers["Authorization"] = auth
+            target = target.with_user(None)
+        self._target = target
         self._secret = secret.encode() if secret else None
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy: URL | None = None
 
     # ---- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create the shared client (idempotent). Does not contact the CRM."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                headers=self._headers,
-                # pool=None: waiting for one of our own connections is not the CRM's
-                # slowness; each request's own connect/read/write is still bounded.
-                timeout=httpx.Timeout(self.timeout, pool=None),
-                limits=httpx.Limits(
-                    max_connections=self.max_connections,
-                    max_keepalive_connections=self.max_connections,
-                ),
-                follow_redirects=False,
-            )
+        """Create the session (idempotent). Does not contact the CRM."""
+        if self._session is not None:
+            return
+        self._proxy = _env_proxy(self._target)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=_KEEPALIVE_EXPIRY,
+            ),
+            headers=self._headers,
+            # Waiting for one of our own connections (connect=None, total=None) is not
+            # the CRM's slowness; each request's own connect and reads are bounded here,
+            # its send by _Body.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=self.timeout, sock_read=self.timeout
+            ),
+            # unsafe: keep cookies of a CRM addressed by IP too.
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+        )
 
     async def close(self) -> None:
-        """Close the client and its connections; ``open`` may be called again."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        """Close the session and its connections; ``open`` may be called again."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
-    async def _ensure_client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    async def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
             await self.open()
-        assert self._client is not None
-        return self._client
+        assert self._session is not None
+        return self._session
 
     # ---- probing ----------------------------------------------------------------------
 
@@ -286,17 +390,25 @@ class WebhookBackend:
 
         Raises :class:`BackendUnavailableError` otherwise (with ``retry_after``).
         """
-        client = await self._ensure_client()
+        session = await self._ensure_session()
         try:
-            response = await client.get(self.url, timeout=self.timeout)
-        except httpx.TimeoutException as exc:
+            async with session.get(
+                self._target,
+                allow_redirects=False,
+                proxy=self._proxy,
+            ) as response:
+                # Read to the end, so that the connection can be reused.
+                await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError as exc:  # aiohttp.ServerTimeoutError included
             raise BackendUnavailableError(
                 f"webhook ping timed out ({type(exc).__name__})"
             ) from None
-        except httpx.RequestError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise BackendUnavailableError(f"webhook unreachable ({type(exc).__name__})") from None
-        if _is_transient_status(response.status_code):
-            raise _unavailable(response.status_code, response, "ping")
+        if _is_transient_status(status):
+            raise _unavailable(status, retry_after, "ping")
 
     # ---- writing ----------------------------------------------------------------------
 
@@ -310,7 +422,7 @@ class WebhookBackend:
         """
         if not records:
             return []
-        client = await self._ensure_client()
+        session = await self._ensure_session()
         lanes: dict[str, list[int]] = {}
         for index, record in enumerate(records):
             lanes.setdefault(record.lane, []).append(index)
@@ -318,7 +430,7 @@ class WebhookBackend:
         failures: list[TransientError] = []
         outcomes = await asyncio.gather(
             *(
-                self._send_lane(client, records, indices, results, failures)
+                self._send_lane(session, records, indices, results, failures)
                 for indices in lanes.values()
             ),
             return_exceptions=True,
@@ -337,7 +449,7 @@ class WebhookBackend:
 
     async def _send_lane(
         self,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
         records: Sequence[SyncRecord],
         indices: list[int],
         results: list[ApplyResult | None],
@@ -348,12 +460,16 @@ class WebhookBackend:
                 # The batch will be offered again whole: sending more is wasted work.
                 return
             try:
-                results[index] = await self._send(client, records[index])
+                results[index] = await self._send(session, records[index])
             except TransientError as exc:
                 failures.append(exc)
                 return
 
-    async def _send(self, client: httpx.AsyncClient, record: SyncRecord) -> ApplyResult:
+    async def _send(self, session: aiohttp.ClientSession, record: SyncRecord) -> ApplyResult:
+        if _NOT_HEADER_VALUE.search(record.key):
+            return BackendRejectedError(
+                f"record key {record.key!r} cannot be sent as an HTTP header (printable ASCII)"
+            )
         try:
             body = encode_record(record)
         except TypeError:
@@ -362,20 +478,29 @@ class WebhookBackend:
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
         try:
-            response = await client.post(self.url, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
+            async with session.post(
+                self._target,
+                data=body if len(body) <= _BUFFERED_BODY else _Body(body, self.timeout),
+                headers=headers,
+                allow_redirects=False,
+                proxy=self._proxy,
+            ) as response:
+                # Read to the end (never kept), so that the connection can be reused.
+                await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError as exc:  # aiohttp.ServerTimeoutError included
             raise BackendUnavailableError(
                 f"webhook timed out on {record.key} ({type(exc).__name__})"
             ) from None
-        except httpx.RequestError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise BackendUnavailableError(
                 f"webhook unreachable for {record.key} ({type(exc).__name__})"
             ) from None
-        status = response.status_code
         if 200 <= status < 300:
             return "applied"
         if status == 409:
             return "duplicate"
         if 400 <= status < 500 and not _is_transient_status(status):
             return BackendRejectedError(f"webhook refused {record.key} with HTTP {status}")
-        raise _unavailable(status, response, record.key)
+        raise _unavailable(status, retry_after, record.key)
