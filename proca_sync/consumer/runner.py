@@ -135,6 +135,8 @@ class Consumer:
             return
         self.stop_reason = reason
         self._stopping = True  # workers take no new batch, new deliveries go back
+        if self._flush_task is not None:  # running: held acks go out now, not 50 ms later
+            self._flush_held()
         self._stop.set()
         self._work.set()
         self._breaker_event.set()
@@ -439,7 +441,9 @@ class Consumer:
             )
 
     def _flush_held(self) -> None:
-        self._late_flush = None
+        if self._late_flush is not None:
+            self._late_flush.cancel()
+            self._late_flush = None
         if not self._stopped:
             self._flush_singles = True
             self._request_flush()
@@ -584,13 +588,15 @@ class Consumer:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-        if self._flush_task is not None:
-            await asyncio.gather(self._flush_task, return_exceptions=True)
+        # The last acks, held ones included, through the one flush task (never beside
+        # it: two senders could interleave frames).
         self._stopped = True
         if self._late_flush is not None:
             self._late_flush.cancel()
-        with contextlib.suppress(Exception):
-            await self.intake.flush()
+        self._flush_singles = True
+        self._request_flush()
+        while self._flush_task is not None and not self._flush_task.done():
+            await asyncio.gather(self._flush_task, return_exceptions=True)
         await self.intake.close()
         self.stats.set_connected(False)
         await self._close_stores()
