@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -354,7 +355,10 @@ class SqlBackend:
         with self.engine.begin() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                writer = _BatchWriter(cursor, self._statements, self._campaign_stamps)
+                batch = _BatchWriter(cursor, self._statements, self._campaign_stamps)
+                if batch.accepts(records):
+                    return batch.apply(records)
+                writer = _RecordWriter(cursor, self._statements, self._campaign_stamps)
                 return writer.apply(records)
             finally:
                 cursor.close()
@@ -514,6 +518,7 @@ class _Statements:
     def __init__(self, dialect: str) -> None:
         self.postgres = dialect == "postgresql"
         self._cache: dict[tuple[int, int], str] = {}
+        self._in_cache: dict[tuple[str, int], str] = {}
         json = "CAST(:{} AS JSONB)" if self.postgres else ":{}"
         contact_columns = [name for name in _CONTACT_COLUMNS]
         values = ", ".join(json.format(c) if c == "fields" else f":{c}" for c in contact_columns)
@@ -525,10 +530,7 @@ class _Statements:
             f"INSERT INTO contacts ({', '.join(contact_columns)}) VALUES ({values}){returning}"
         )
         self.update_contact = self._q(f"UPDATE contacts SET {sets} WHERE id = :id")
-        self.load_contact = self._q(
-            "SELECT admitted, fields, real, opted_in, opt_in_at, email_status, "
-            "email_status_changed, email_status_stamp FROM contacts WHERE id = :id"
-        )
+        self.load_contact = self._q(f"SELECT {_STATE_COLUMNS} FROM contacts WHERE id = :id")
         self.load_keys = self._q("SELECT kind, value FROM contact_keys WHERE contact_id = :id")
         self.insert_key = self._q(
             "INSERT INTO contact_keys (kind, value, contact_id) VALUES (:kind, :value, :contact_id)"
@@ -552,9 +554,6 @@ class _Statements:
             "INSERT INTO email_status_history (contact_id, status, changed_at, stamp, source) "
             "VALUES (:contact_id, :status, :changed_at, :stamp, :source) ON CONFLICT DO NOTHING"
         )
-        self.action_owner = self._q(
-            "SELECT contact_id, version FROM actions WHERE action_id = :action_id"
-        )
         action_columns = "contact_id, action_type, campaign, created_at, testing, version, data"
         self.insert_action = self._q(
             f"INSERT INTO actions (action_id, {action_columns}) VALUES (:action_id, "
@@ -577,10 +576,27 @@ class _Statements:
             "INSERT INTO campaigns (name, title, external_id, stamp, data) VALUES (:name, "
             f":title, :external_id, :stamp, {json.format('data')}) ON CONFLICT DO NOTHING"
         )
-        self.campaign_stamp = self._q("SELECT stamp FROM campaigns WHERE name = :name")
         self.insert_applied = self._q(
             "INSERT INTO applied_messages (key, kind, applied_at) VALUES (:key, :kind, :applied_at)"
         )
+        self.action_owner = self._q(
+            "SELECT contact_id, version FROM actions WHERE action_id = :action_id"
+        )
+        self.campaign_stamp = self._q("SELECT stamp FROM campaigns WHERE name = :name")
+        self.insert_contact_id = self._q(
+            f"INSERT INTO contacts (id, {', '.join(contact_columns)}) VALUES (:id, {values})"
+        )
+        self.next_contact_ids = (
+            "SELECT nextval(pg_get_serial_sequence('contacts', 'id')) "
+            "FROM generate_series(1, %(count)s)"
+        )
+        # On PostgreSQL one statement writes all the rows of a kind, sent as one JSON
+        # array; SQLite runs the row statement per row (executemany), in-process.
+        self.bulk: dict[str, tuple[str, tuple[tuple[str, type], ...]]] = {}
+        if self.postgres:
+            for name, (table, key, columns) in _BULK.items():
+                sql = _bulk_update(table, key, columns) if key else _bulk_insert(table, columns)
+                self.bulk[name] = (sql, tuple((c, kind[0]) for c, kind in columns.items()))
 
     def _q(self, sql: str) -> str:
         return re.sub(r":(\w+)", r"%(\1)s", sql) if self.postgres else sql
@@ -606,6 +622,133 @@ class _Statements:
     def applied(self, count: int) -> str:
         names = ", ".join(f":k{i}" for i in range(count))
         return self._q(f"SELECT key FROM applied_messages WHERE key IN ({names})")
+
+    def select(self, query: tuple[str, str], count: int) -> str:
+        """``query`` (its text ends in a column; with its array type) for ``count``
+        values: ``IN (:p0, …)`` on SQLite, ``= ANY(:p)`` on PostgreSQL (one array)."""
+        key = (query[0], count)
+        sql = self._in_cache.get(key)
+        if sql is None:
+            if self.postgres:
+                sql = f"{query[0]} = ANY(CAST(%(p)b AS {query[1]}[]))"
+            else:
+                sql = f"{query[0]} IN ({', '.join(f':p{i}' for i in range(count))})"
+            self._in_cache[key] = sql
+        return sql
+
+
+# The batch's up-front reads: a query ending in a column, and the column's array type
+# (the values are appended by _Statements.select).
+_STATE_COLUMNS = (
+    "admitted, fields, real, opted_in, opt_in_at, email_status, email_status_changed, "
+    "email_status_stamp"
+)
+_KEY_COLUMNS = "SELECT kind, value, contact_id FROM contact_keys WHERE"
+_APPLIED_KEYS = ("SELECT key FROM applied_messages WHERE key", "TEXT")
+_KEYS_BY_REF = (f"{_KEY_COLUMNS} kind = 'ref' AND value", "TEXT")
+_KEYS_BY_EMAIL = (f"{_KEY_COLUMNS} kind = 'email' AND value", "TEXT")
+_KEYS_BY_CONTACT = (f"{_KEY_COLUMNS} contact_id", "INTEGER")
+_CONTACTS_BY_ID = (f"SELECT id, {_STATE_COLUMNS} FROM contacts WHERE id", "INTEGER")
+_ACTIONS_BY_ID = ("SELECT action_id, contact_id, version FROM actions WHERE action_id", "BIGINT")
+_CAMPAIGNS_BY_NAME = ("SELECT name, stamp FROM campaigns WHERE name", "TEXT")
+_IN_CHUNK = 500
+"""Values per ``IN`` list on SQLite."""
+
+# The batched writes on PostgreSQL: table, key column of an update ("" for an insert),
+# and each column's Python type and PostgreSQL type. The rows travel as one JSON array
+# (serialised by orjson, unpacked by json_to_recordset); JSONB values travel as text. A
+# value of another Python type (a personal field may be a number) sends the rows one by
+# one instead, with the row statement, so that the database converts it as ever.
+_TEXT = (str, "TEXT")
+_JSON_TEXT = (str, "JSONB")
+_BOOL = (bool, "BOOLEAN")
+_INT = (int, "INTEGER")
+_BIGINT = (int, "BIGINT")
+_CONTACT_TYPES = {
+    "admitted": _BOOL,
+    "email": _TEXT,
+    "first_name": _TEXT,
+    "last_name": _TEXT,
+    "postcode": _TEXT,
+    "country": _TEXT,
+    "fields": _JSON_TEXT,
+    "real": _BOOL,
+    "opted_in": _BOOL,
+    "opt_in_at": _TEXT,
+    "email_status": _TEXT,
+    "email_status_changed": _TEXT,
+    "email_status_stamp": _TEXT,
+    "subscribed": _BOOL,
+    "updated_at": _TEXT,
+}
+_ACTION_TYPES = {
+    "action_id": _BIGINT,
+    "contact_id": _INT,
+    "action_type": _TEXT,
+    "campaign": _TEXT,
+    "created_at": _TEXT,
+    "testing": _BOOL,
+    "version": _TEXT,
+    "data": _JSON_TEXT,
+}
+_BULK: dict[str, tuple[str, str, dict[str, tuple[type, str]]]] = {
+    "insert_contact_id": ("contacts", "", {"id": _INT, **_CONTACT_TYPES}),
+    "update_contact": ("contacts", "id", {"id": _INT, **_CONTACT_TYPES}),
+    "insert_key": ("contact_keys", "", {"kind": _TEXT, "value": _TEXT, "contact_id": _INT}),
+    "insert_consent": (
+        "consents",
+        "",
+        {"contact_id": _INT, "action_id": _BIGINT, "opt_in": _TEXT, "given_at": _TEXT},
+    ),
+    "insert_status": (
+        "email_status_history",
+        "",
+        {
+            "contact_id": _INT,
+            "status": _TEXT,
+            "changed_at": _TEXT,
+            "stamp": _TEXT,
+            "source": _TEXT,
+        },
+    ),
+    "insert_action": ("actions", "", _ACTION_TYPES),
+    "update_action": ("actions", "action_id", _ACTION_TYPES),
+    "move_action": ("actions", "action_id", {"action_id": _BIGINT, "contact_id": _INT}),
+    "insert_applied": (
+        "applied_messages",
+        "",
+        {"key": _TEXT, "kind": _TEXT, "applied_at": _TEXT},
+    ),
+}
+_ON_CONFLICT = {"consents", "email_status_history"}
+
+
+def _recordset(columns: dict[str, tuple[type, str]], alias: str = "") -> str:
+    """``json_to_recordset`` of the ``rows`` parameter, with its column definitions."""
+    defs = ", ".join(f"{c} {'TEXT' if pg == 'JSONB' else pg}" for c, (_, pg) in columns.items())
+    return f"json_to_recordset(CAST(%(rows)s AS JSON)) AS {alias}({defs})"
+
+
+def _column(column: str, pg_type: str) -> str:
+    return f"CAST(t.{column} AS JSONB)" if pg_type == "JSONB" else f"t.{column}"
+
+
+def _bulk_insert(table: str, columns: dict[str, tuple[type, str]]) -> str:
+    """Insert the rows in order (so serial ids are drawn in that order, as row by row)."""
+    names = ", ".join(columns)
+    values = ", ".join(_column(c, pg) for c, (_, pg) in columns.items())
+    conflict = " ON CONFLICT DO NOTHING" if table in _ON_CONFLICT else ""
+    return (
+        f"INSERT INTO {table} ({names}) SELECT {values} FROM ROWS FROM ({_recordset(columns)}) "
+        f"WITH ORDINALITY AS t({names}, ord) ORDER BY t.ord{conflict}"
+    )
+
+
+def _bulk_update(table: str, key: str, columns: dict[str, tuple[type, str]]) -> str:
+    """Update each row found by ``key`` (the batch updates a row at most once)."""
+    sets = ", ".join(f"{c} = {_column(c, pg)}" for c, (_, pg) in columns.items() if c != key)
+    source = _recordset(columns, "t")
+    return f"UPDATE {table} SET {sets} FROM {source} WHERE {table}.{key} = t.{key}"
 
 
 _CONTACT_COLUMNS = (
@@ -633,7 +776,392 @@ def _json_value(value: Any) -> Any:
 
 
 class _BatchWriter:
-    """Applies one batch of records on one driver cursor, inside one transaction."""
+    """Applies one batch of records on one driver cursor, inside one transaction, with
+    a few statements per batch rather than several per record.
+
+    The batch is read up front with set queries (the applied message keys, the contact
+    keys and actions the records name, the contacts found and all their keys), applied
+    record by record to an in-memory view of those rows, and written with one statement
+    (PostgreSQL) or one ``executemany`` (SQLite) per kind of row. Each record sees the
+    effects of the earlier ones exactly as if they had been written at once: a record
+    reaches contacts only through its keys and its action, all of which the view holds.
+    The result is the state :class:`_RecordWriter` reaches, row for row, ids included:
+
+    * Contacts created by the batch are known by a *handle* below zero until inserted.
+      They are inserted in creation order, so they get the ids that inserting each at
+      once would give (and those ids sort after every stored one, as handles do).
+    * Everything pending is written before contacts are merged, so that a merge moves
+      complete rows with the same statements as ever.
+    * A contact's row is written once, in its final state; an action's once, with the
+      outcome of all its records; a campaign's once, with the fact that would be left.
+
+    Skipping the intermediate rows is only sound when none of them could fail to be
+    written, and when a contact state read back from the database equals the one kept
+    in memory: :meth:`accepts` checks that of every value, and a batch it refuses goes to
+    :class:`_RecordWriter`.
+    """
+
+    def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
+        self.cursor = cursor
+        self.sql = sql
+        self.campaign_stamps = campaign_stamps
+        self.now = _now()
+        # The view of the stored rows the batch reaches, as the batch changes them.
+        self.states: dict[int, ContactState] = {}
+        self.key_owners: dict[tuple[str, str], int] = {}
+        self.action_owners: dict[int, list[Any]] = {}  # action id → [handle, version]
+        # Writes not yet sent.
+        self.last_handle = 0
+        self.created: dict[int, None] = {}  # handles to insert, in creation order
+        self.ids: dict[int, int] = {}  # handle → id, once inserted
+        self.changed: dict[int, None] = {}  # contacts whose row to update at the end
+        self.new_keys: list[tuple[str, str, int]] = []
+        self.consents: list[dict[str, Any]] = []
+        self.statuses: list[dict[str, Any]] = []
+        # action id → ("insert" | "update" | "move", record, its data as JSON, handle)
+        self.actions: dict[int, tuple[str, ActionRecord, str, int]] = {}
+        self.campaigns: dict[str, tuple[CampaignFact, str]] = {}  # name → winning fact
+        # The records' action and campaign data as JSON (made by accepts()).
+        self.texts: list[tuple[str, str]] = []
+
+    def accepts(self, records: Sequence[SyncRecord]) -> bool:
+        """Whether every value of the batch is one each statement takes as it is, and
+        that reads back from the JSON columns as it was written (no NUL character or
+        lone surrogate in a string, no string over its column's length, no integer
+        beyond 64 bits, no object where a column wants text, no float that JSONB gives
+        back otherwise, no contact without ref or e-mail). Serialises the actions' and
+        campaigns' data on the way."""
+        texts = self.texts
+        for record in records:
+            if not (_text(record.key, 200) and _text(record.kind, 32)):
+                return False
+            if record.contact is not None and not _plain_contact(record.contact):
+                return False
+            action_text = campaign_text = ""
+            action = record.action
+            if action is not None:
+                text = _json_text(action.data)
+                if text is None or not (
+                    _bigint(action.action_id)
+                    and type(action.testing) is bool
+                    and _text(action.action_type)
+                    and _text(action.campaign)
+                    and _text(action.created_at)
+                    and _text(action.version)
+                ):
+                    return False
+                action_text = text
+            fact = record.campaign
+            if fact is not None:
+                text = _json_text(fact.data)
+                title = fact.data.get("title")
+                external_id = fact.data.get("externalId")
+                if text is None or not (
+                    _text(fact.name, 255)
+                    and _text(fact.stamp)
+                    and (title is None or _text(title))
+                    and (external_id is None or _bigint(external_id))
+                ):
+                    return False
+                campaign_text = text
+            texts.append((action_text, campaign_text))
+        return True
+
+    def apply(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
+        """Apply ``records``, which :meth:`accepts` accepted."""
+        keys = list(dict.fromkeys(r.key for r in records))
+        seen = {row[0] for row in self._select(_APPLIED_KEYS, keys)}
+        self._read(records)
+        results: list[ApplyResult] = []
+        applied: list[dict[str, Any]] = []
+        for record, (action_text, campaign_text) in zip(records, self.texts, strict=True):
+            if record.key in seen:
+                results.append("duplicate")
+                continue
+            seen.add(record.key)
+            contact_id = None
+            if record.contact is not None:
+                contact_id = self._contact(record.contact, record.action)
+            if record.action is not None and contact_id is not None:
+                self._action(record.action, action_text, contact_id)
+            if record.campaign is not None:
+                self._campaign(record.campaign, campaign_text)
+            applied.append({"key": record.key, "kind": record.kind, "applied_at": self.now})
+            results.append("applied")
+        self._flush()
+        self._many(
+            "update_contact",
+            [{**self._row(self.states[h]), "id": self._id(h)} for h in self.changed],
+        )
+        self._write_campaigns()
+        self._many("insert_applied", applied)
+        return results
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _select(self, query: tuple[str, str], values: list[Any]) -> list[Any]:
+        """The rows of ``query`` for ``values`` (in chunks on SQLite)."""
+        if not values:
+            return []
+        if self.sql.postgres:
+            self.cursor.execute(self.sql.select(query, 0), {"p": values})
+            return self.cursor.fetchall()  # type: ignore[no-any-return]
+        rows: list[Any] = []
+        for start in range(0, len(values), _IN_CHUNK):
+            chunk = values[start : start + _IN_CHUNK]
+            params = {f"p{i}": value for i, value in enumerate(chunk)}
+            self.cursor.execute(self.sql.select(query, len(chunk)), params)
+            rows.extend(self.cursor.fetchall())
+        return rows
+
+    def _many(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Run statement ``name`` for each row: a single statement where possible."""
+        if not rows:
+            return
+        bulk = self.sql.bulk.get(name)
+        if bulk is not None:
+            sql, columns = bulk
+            for column, kind in columns:
+                if not {type(row[column]) for row in rows} <= {kind, type(None)}:
+                    break
+            else:
+                self.cursor.execute(sql, {"rows": orjson.dumps(rows).decode()})
+                return
+        self.cursor.executemany(getattr(self.sql, name), rows)
+
+    def _read(self, records: Sequence[SyncRecord]) -> None:
+        """Load the stored keys and actions the batch names, and their contacts."""
+        refs: dict[str, None] = {}
+        emails: dict[str, None] = {}
+        action_ids: dict[int, None] = {}
+        for record in records:
+            if record.contact is not None:
+                refs.update(dict.fromkeys(sorted(record.contact.refs)))
+                emails.update(dict.fromkeys(sorted(record.contact.emails)))
+            if record.action is not None:
+                action_ids[record.action.action_id] = None
+        found: set[int] = set()
+        for query, values in ((_KEYS_BY_REF, refs), (_KEYS_BY_EMAIL, emails)):
+            for _kind, _value, contact_id in self._select(query, list(values)):
+                found.add(contact_id)
+        for action_id, contact_id, version in self._select(_ACTIONS_BY_ID, list(action_ids)):
+            self.action_owners[action_id] = [contact_id, version]
+            found.add(contact_id)
+        ids = sorted(found)
+        for row in self._select(_CONTACTS_BY_ID, ids):
+            self.states[row[0]] = _stored_state(row[1:])
+        for kind, value, contact_id in self._select(_KEYS_BY_CONTACT, ids):
+            self._own(kind, value, contact_id)
+
+    def _own(self, kind: str, value: str, contact_id: int) -> None:
+        """A stored key of a loaded contact: into the contact's state and the key map."""
+        self.key_owners[kind, value] = contact_id
+        state = self.states[contact_id]
+        (state.refs if kind == "ref" else state.emails).add(value)
+
+    def _state(self, handle: int) -> ContactState:
+        state = self.states.get(handle)
+        if state is None:
+            # Not reached: every contact a record can reach was loaded by _read. Should
+            # that ever change, reading the stored row here keeps the result right.
+            self.cursor.execute(self.sql.load_contact, {"id": handle})
+            state = self.states[handle] = _stored_state(self.cursor.fetchone())
+            self.cursor.execute(self.sql.load_keys, {"id": handle})
+            for kind, value in self.cursor.fetchall():
+                self._own(kind, value, handle)
+        return state
+
+    # ---- applying, in memory ------------------------------------------------------------
+
+    def _contact(self, facts: ContactFacts, action: ActionRecord | None) -> int:
+        owners = self.key_owners
+        keys = [("ref", ref) for ref in sorted(facts.refs)]
+        keys += [("email", email) for email in sorted(facts.emails)]
+        handles = {owners[key] for key in keys if key in owners}
+        if action is not None:
+            owner = self.action_owners.get(action.action_id)
+            if owner is not None:
+                handles.add(owner[0])
+        ordered = sorted(handles, key=_handle_order)
+        state = ContactState()
+        for handle in ordered:
+            state.join(self._state(handle))
+        state.absorb(facts)
+        if not ordered:
+            self.last_handle -= 1
+            survivor = self.last_handle
+            self.created[survivor] = None
+        else:
+            survivor = ordered[0]
+            if len(ordered) > 1:
+                self._flush()
+                for other in ordered[1:]:
+                    self._merge(other, survivor)
+            if survivor not in self.created:
+                self.changed[survivor] = None
+        self.states[survivor] = state
+        for key in keys:
+            if key not in owners:
+                owners[key] = survivor
+                self.new_keys.append((*key, survivor))
+        if facts.consent is not None:
+            self.consents.append(
+                {
+                    "contact_id": survivor,
+                    "action_id": facts.consent.action_id,
+                    "opt_in": _OPT_IN_TEXT[facts.consent.opt_in],
+                    "given_at": facts.consent.given_at or "",
+                }
+            )
+        if facts.status is not None:
+            self.statuses.append(
+                {
+                    "contact_id": survivor,
+                    "status": facts.status.status,
+                    "changed_at": facts.status.changed_at,
+                    "stamp": facts.status.stamp,
+                    "source": facts.status.source,
+                }
+            )
+        return survivor
+
+    def _merge(self, other: int, survivor: int) -> None:
+        """Move everything of contact ``other`` to ``survivor`` and delete ``other``."""
+        params = {"other": self._id(other), "survivor": self._id(survivor)}
+        for sql in self.sql.move.values():
+            self.cursor.execute(sql, params)
+        self.cursor.execute(self.sql.copy_statuses, params)
+        self.cursor.execute(self.sql.delete_statuses, {"other": params["other"]})
+        self.cursor.execute(self.sql.delete_contact, {"other": params["other"]})
+        for key, owner in self.key_owners.items():
+            if owner == other:
+                self.key_owners[key] = survivor
+        for entry in self.action_owners.values():
+            if entry[0] == other:
+                entry[0] = survivor
+        del self.states[other]
+        self.changed.pop(other, None)
+
+    def _action(self, record: ActionRecord, data: str, contact: int) -> None:
+        """Insert, update (a newer version) or move (to this record's contact)."""
+        action_id = record.action_id
+        current = self.action_owners.get(action_id)
+        pending = self.actions.get(action_id)
+        if current is None:
+            self.action_owners[action_id] = [contact, record.version]
+            self.actions[action_id] = ("insert", record, data, contact)
+        elif record.version > current[1]:
+            current[:] = [contact, record.version]
+            kind = "insert" if pending is not None and pending[0] == "insert" else "update"
+            self.actions[action_id] = (kind, record, data, contact)
+        elif current[0] != contact:
+            current[0] = contact
+            if pending is None:
+                self.actions[action_id] = ("move", record, data, contact)
+            else:
+                self.actions[action_id] = (*pending[:3], contact)
+
+    def _campaign(self, fact: CampaignFact, data: str) -> None:
+        known = self.campaign_stamps.get(fact.name)
+        if known is not None and known >= fact.stamp:
+            return
+        # Applied one by one, the first of the facts with the greatest stamp stays.
+        best = self.campaigns.get(fact.name)
+        if best is None or fact.stamp > best[0].stamp:
+            self.campaigns[fact.name] = (fact, data)
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def _id(self, handle: int) -> int:
+        return handle if handle > 0 else self.ids[handle]
+
+    def _row(self, state: ContactState) -> dict[str, Any]:
+        row = _state_row(state, self.now)
+        row["fields"] = orjson.dumps(row["fields"]).decode()
+        return row
+
+    def _flush(self) -> None:
+        """Send every pending insert, and the actions' updates."""
+        if self.created:
+            handles = list(self.created)
+            rows = [self._row(self.states[h]) for h in handles]
+            if self.sql.postgres:
+                # The ids inserting row by row would draw from the sequence, in order.
+                self.cursor.execute(self.sql.next_contact_ids, {"count": len(handles)})
+                ids = sorted(int(row[0]) for row in self.cursor.fetchall())
+                for handle, row, contact_id in zip(handles, rows, ids, strict=True):
+                    row["id"] = self.ids[handle] = contact_id
+                self._many("insert_contact_id", rows)
+            else:
+                for handle, row in zip(handles, rows, strict=True):
+                    self.cursor.execute(self.sql.insert_contact, row)
+                    self.ids[handle] = int(self.cursor.lastrowid)
+            self.created.clear()
+        self._many(
+            "insert_key",
+            [
+                {"kind": kind, "value": value, "contact_id": self._id(handle)}
+                for kind, value, handle in self.new_keys
+            ],
+        )
+        self.new_keys.clear()
+        for name, rows in (("insert_consent", self.consents), ("insert_status", self.statuses)):
+            for row in rows:
+                row["contact_id"] = self._id(row["contact_id"])
+            self._many(name, rows)
+            rows.clear()
+        if self.actions:
+            by_kind: dict[str, list[dict[str, Any]]] = {"insert": [], "update": [], "move": []}
+            for action_id, (kind, record, data, handle) in self.actions.items():
+                values: dict[str, Any] = {"action_id": action_id, "contact_id": self._id(handle)}
+                if kind != "move":
+                    values.update(
+                        action_type=record.action_type,
+                        campaign=record.campaign,
+                        created_at=record.created_at,
+                        testing=record.testing,
+                        version=record.version,
+                        data=data,
+                    )
+                by_kind[kind].append(values)
+            for kind, rows in by_kind.items():
+                self._many(f"{kind}_action", rows)
+            self.actions.clear()
+
+    def _write_campaigns(self) -> None:
+        if not self.campaigns:
+            return
+        stored = dict(self._select(_CAMPAIGNS_BY_NAME, list(self.campaigns)))
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for name, (fact, data) in self.campaigns.items():
+            values = {
+                "name": name,
+                "title": fact.data.get("title"),
+                "external_id": fact.data.get("externalId"),
+                "stamp": fact.stamp,
+                "data": data,
+            }
+            stamp = stored.get(name)
+            if stamp is None:
+                inserts.append(values)
+            elif stamp < fact.stamp:
+                updates.append(values)
+            # What the database now holds. Cleared by the backend when the transaction
+            # fails, so it never runs ahead of what is committed.
+            self.campaign_stamps[name] = (
+                fact.stamp if stamp is None or stamp < fact.stamp else stamp
+            )
+        if updates:
+            self.cursor.executemany(self.sql.update_campaign, updates)
+        if inserts:
+            self.cursor.executemany(self.sql.insert_campaign, inserts)
+
+
+class _RecordWriter:
+    """Applies one batch record by record, each with its own statements (the writer
+    before _BatchWriter, unchanged): for a batch :meth:`_BatchWriter.accepts` refuses,
+    so that it fails, or not, at the same record and in the same way as ever."""
 
     def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
         self.cursor = cursor
@@ -732,18 +1260,7 @@ class _BatchWriter:
         return survivor
 
     def _load(self, contact_id: int) -> ContactState:
-        row = self._one(self.sql.load_contact, {"id": contact_id})
-        fields = _json_value(row[1])
-        state = ContactState(
-            fields={name: (pair[0], pair[1]) for name, pair in fields.items()},
-            admitted=bool(row[0]),
-            real=bool(row[2]),
-            opted_in=bool(row[3]),
-            opt_in_at=row[4],
-            status=row[5],
-            status_changed=row[6],
-            status_stamp=row[7],
-        )
+        state = _stored_state(self._one(self.sql.load_contact, {"id": contact_id}))
         self.cursor.execute(self.sql.load_keys, {"id": contact_id})
         for kind, value in self.cursor.fetchall():
             (state.refs if kind == "ref" else state.emails).add(value)
@@ -797,6 +1314,110 @@ class _BatchWriter:
         # Cleared by the backend when the transaction fails, so it never runs ahead of
         # what is committed.
         self.campaign_stamps[fact.name] = stored[0] if stored else fact.stamp
+
+
+_I64 = 1 << 63
+_COLUMN_FIELDS = frozenset({"email", "firstName", "lastName", "postcode", "country"})
+
+
+def _plain_contact(facts: ContactFacts) -> bool:
+    """The contact part of :meth:`_BatchWriter.accepts`."""
+    if not (facts.refs or facts.emails) or not _text(facts.stamp):
+        return False  # without ref or e-mail, _RecordWriter's lookup is malformed SQL
+    if type(facts.admit) is not bool or type(facts.real) is not bool:
+        return False
+    for key in (*facts.refs, *facts.emails):
+        if not _text(key, 512):
+            return False
+    for name, value in facts.fields.items():
+        if type(value) is not str and not (
+            _json(value) and (name not in _COLUMN_FIELDS or type(value) not in (list, dict))
+        ):
+            return False
+    if _json_text(facts.fields) is None:  # names and strings: NUL, surrogates
+        return False
+    consent = facts.consent
+    if consent is not None and not (
+        _bigint(consent.action_id)
+        and (consent.given_at is None or _text(consent.given_at, 40))
+        and (consent.opt_in is None or type(consent.opt_in) is bool)
+    ):
+        return False
+    status = facts.status
+    return status is None or (
+        (status.status is None or _text(status.status))
+        and (status.changed_at is None or _text(status.changed_at))
+        and _text(status.stamp, 200)
+        and _text(status.source)
+    )
+
+
+def _text(value: object, limit: int | None = None) -> bool:
+    """A string any text column takes: no NUL, encodable, within ``limit`` characters."""
+    if type(value) is not str or "\x00" in value:
+        return False
+    if limit is not None and len(value) > limit:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bigint(value: object) -> bool:
+    return type(value) is int and -_I64 <= value < _I64
+
+
+def _json(value: Any) -> bool:
+    """A JSON value that both databases store and give back unchanged (PostgreSQL's
+    JSONB reads ``1e+16`` back as an integer and ``-0.0`` as ``0.0``)."""
+    kind = type(value)
+    if kind is str:
+        return _text(value)
+    if value is None or kind is bool:
+        return True
+    if kind is int:
+        return _bigint(value)
+    if kind is float:
+        return bool(abs(value) < 1e16 and (value != 0.0 or math.copysign(1.0, value) > 0))
+    if kind is list:
+        return all(_json(item) for item in value)
+    if kind is dict:
+        return all(_text(key) and _json(item) for key, item in value.items())
+    return False
+
+
+def _json_text(value: Any) -> str | None:
+    """``value`` as JSON; ``None`` if it does not serialise or holds a NUL character
+    (which JSONB refuses)."""
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return None
+    return None if b"\\u0000" in text else text.decode()
+
+
+def _handle_order(handle: int) -> tuple[bool, int]:
+    """Stored ids in order, then the batch's new contacts in creation order."""
+    return (handle < 0, abs(handle))
+
+
+def _stored_state(row: Sequence[Any]) -> ContactState:
+    """A contact's state from its row (``_STATE_COLUMNS``); keys are added by the caller."""
+    fields = _json_value(row[1])
+    return ContactState(
+        fields={name: (pair[0], pair[1]) for name, pair in fields.items()},
+        admitted=bool(row[0]),
+        real=bool(row[2]),
+        opted_in=bool(row[3]),
+        opt_in_at=row[4],
+        status=row[5],
+        status_changed=row[6],
+        status_stamp=row[7],
+    )
 
 
 def _state_row(state: ContactState, now: str) -> dict[str, Any]:
