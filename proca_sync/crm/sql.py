@@ -1329,13 +1329,14 @@ def _plain_contact(facts: ContactFacts) -> bool:
     for key in (*facts.refs, *facts.emails):
         if not _text(key, 512):
             return False
+    # Serialises (so not nested beyond orjson's 254 levels), without NUL or surrogates.
+    if _json_text(facts.fields) is None:
+        return False
     for name, value in facts.fields.items():
         if type(value) is not str and not (
             _json(value) and (name not in _COLUMN_FIELDS or type(value) not in (list, dict))
         ):
             return False
-    if _json_text(facts.fields) is None:  # names and strings: NUL, surrogates
-        return False
     consent = facts.consent
     if consent is not None and not (
         _bigint(consent.action_id)
