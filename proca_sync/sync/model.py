@@ -53,6 +53,9 @@ from proca_sync.sync.records import (
 __all__ = ["Options", "body_digest", "model_message"]
 
 _NOT_PERSONAL_FIELDS = frozenset({"contactRef", "dupeRank"})
+_SCALAR_FIELDS = frozenset({"email", "firstName", "lastName", "postcode", "country"})
+"""Fields a CRM keeps in columns of their own: a list or an object there is not data any
+CRM can store, whatever the retries (the other fields are kept as JSON, as sent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,10 @@ def _personal_fields(record: dict[str, Any]) -> dict[str, Any]:
         for key, value in record.items()
         if key not in _NOT_PERSONAL_FIELDS and value is not None and value != ""
     }
+    for name in _SCALAR_FIELDS.intersection(fields):
+        if isinstance(fields[name], list | dict):
+            kind = type(fields[name]).__name__
+            raise DecodeError(f"contact.{name} is a {kind}", reason=Reason.INVALID_FIELD)
     if "email" in fields:
         # Proca trims and lower-cases e-mails (basic schema); keep one spelling.
         email = normalise_email(str(fields["email"]))
@@ -141,6 +148,10 @@ def _model_action(message: ActionMessage, options: Options, digest: str) -> Sync
         include={"action", "action_page", "tracking", "campaign", "contact"},
     )
     refs, emails = _identities(message.contact)
+    if not refs and not emails:
+        # Nothing to find the supporter by, now or on any retry (personalInfo, when
+        # there was one, is already decrypted and merged here).
+        raise DecodeError("action without contactRef or e-mail", reason=Reason.MISSING_FIELD)
     consent = None
     if privacy.with_consent:
         consent = ConsentFact(action_id, privacy.opt_in, privacy.given_at)

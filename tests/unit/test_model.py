@@ -193,6 +193,25 @@ def test_event_without_identity_is_a_permanent_error() -> None:
     assert info.value.reason is Reason.MISSING_FIELD
 
 
+def test_action_without_identity_is_a_permanent_error() -> None:
+    """No contactRef and no e-mail: the supporter can never be found (it used to reach
+    the CRM and fail there, as a transient error, on every retry)."""
+    message = action(2, ref="C" * 43, email="", created="2024-01-01T10:00:00Z")
+    message["contact"]["contactRef"] = ""
+    with pytest.raises(DecodeError) as info:
+        model(message)
+    assert info.value.reason is Reason.MISSING_FIELD
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, ["x"]], ids=["object", "list"])
+def test_a_column_field_that_is_not_a_scalar_is_a_permanent_error(value: Any) -> None:
+    message = action(3, ref="D" * 43, email="d@example.org", created="2024-01-01T10:00:00Z",
+                     record={"lastName": value})
+    with pytest.raises(DecodeError) as info:
+        model(message)
+    assert info.value.reason is Reason.INVALID_FIELD
+
+
 def test_campaign_update_outranks_action_snapshots() -> None:
     update = model(campaign_updated("petition_x", "New title", when="2020-01-01T00:00:00Z"))
     later_action = model(action(1, **SIGNED))
