@@ -215,6 +215,25 @@ def analysis_values(doc: dict[str, Any]) -> dict[str, str]:
     mem = doc["cases"].get("memory-1m") or {}
     put("growth", mem.get("growth_bytes_per_message"), ".0f")
     put("peak", mem.get("peak_mib"), ".0f")
+    # Profile shares by area: {null_share_amqp}, {sqlite_share_crm}, … (percent).
+    short = {"AMQP client": "amqp", "asyncio": "asyncio", "decode": "decode",
+             "logging": "logging", "model": "model", "consumer": "consumer",
+             "metrics": "metrics", "decrypt": "decrypt", "CRM backend": "crm"}  # fmt: skip
+    for case, prefix in (("proca-null", "null"), ("proca-sqlite", "sqlite")):
+        for area in (doc.get("profile") or {}).get(case, {}).get("areas", []):
+            for start, key in short.items():
+                if area["area"].startswith(start):
+                    put(f"{prefix}_share_{key}", 100 * area["share"], ".0f")
+    # Slow CRM points: {slow_rate_64}, {slow_eff_64}, {slow_cores_64}, {slow_server_64}.
+    for point in (doc["cases"].get("slow-crm") or {}).get("points", []):
+        c = point["concurrency"]
+        put(f"slow_rate_{c}", point["rate"], ",.0f")
+        put(f"slow_eff_{c}", 100 * point["efficiency"], ".0f")
+        runs = point.get("runs") or []
+        if runs:
+            put(f"slow_cores_{c}", statistics.median(r["consumer_cores"] for r in runs), ".2f")
+            put(f"slow_server_{c}", statistics.median(r["harness_cpu_seconds"] / r["wall_seconds"]
+                                                      for r in runs), ".2f")  # fmt: skip
     return values
 
 

@@ -121,8 +121,8 @@ class SqlHarness(Harness):
 
     def refuse(self, record: SyncRecord) -> None:
         pytest.skip(
-            "the SQL CRM accepts every well-formed record: a permanent refusal needs a "
-            "value the database rejects, which the modelling never produces"
+            "SQLite stores any value a record carries, and what a trigger can raise there "
+            "is a constraint error, which counts as a (transient) write conflict"
         )
 
 
@@ -169,6 +169,23 @@ class PostgresHarness(SqlHarness):
             other.execute(f'LOCK TABLE "{self.schema}".applied_messages IN ACCESS EXCLUSIVE MODE')
             yield
             other.rollback()
+
+    def refuse(self, record: SyncRecord) -> None:
+        # The database itself refuses the record's row with a data exception (SQLSTATE
+        # class 22), as it does a NUL character or an over-long value.
+        import psycopg
+
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(
+                f'CREATE FUNCTION "{self.schema}".refuse() RETURNS trigger AS $$ BEGIN '
+                f"IF NEW.key = {psycopg.sql.quote(record.key)} THEN "
+                "RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            conn.execute(
+                f'CREATE TRIGGER refuse BEFORE INSERT ON "{self.schema}".applied_messages '
+                f'FOR EACH ROW EXECUTE FUNCTION "{self.schema}".refuse()'
+            )
 
     @contextlib.asynccontextmanager
     async def outage(self) -> AsyncIterator[Backend]:
