@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -62,6 +63,10 @@ from proca_sync.sync.records import ActionRecord, CampaignFact, ContactFacts, Sy
 __all__ = ["SCHEMA_VERSION", "SqlBackend", "create_store_engine", "normalise_url"]
 
 SCHEMA_VERSION = 1
+log = logging.getLogger("proca_sync.crm")
+
+ANALYSE_FIRST = 1_000
+"""Records written before the first ANALYZE on PostgreSQL (then at 4×, 16×, …)."""
 DEFAULT_URL = "sqlite:///proca-crm.db"
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
@@ -239,6 +244,8 @@ class SqlBackend:
         self._campaign_stamps: dict[str, str] = {}
         self._statements = _Statements(self.dialect)
         self._ready = False
+        self._written = 0
+        self._analyse_at = ANALYSE_FIRST
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -317,6 +324,14 @@ class SqlBackend:
         self.open_sync()
         if not records:
             return []
+        results = self._apply_isolating(records)
+        self._written += len(records)
+        if self._statements.postgres and self._written >= self._analyse_at:
+            self._analyse_at *= 4
+            self._analyse()
+        return results
+
+    def _apply_isolating(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
         try:
             return self._transaction(records)
         except Exception as exc:
@@ -335,6 +350,20 @@ class SqlBackend:
                     raise error from None
                 results.append(error)
         return results
+
+    def _analyse(self) -> None:
+        """Refresh PostgreSQL's statistics of the CRM tables (after 1k, 4k, 16k… records
+        written by this process). A batch looks up a few hundred keys; without statistics
+        (autovacuum off, or not yet run on young tables) the planner estimates the tables
+        tiny and scans them whole, once per batch: quadratic in the CRM's size. Best
+        effort: a failure here is logged and changes nothing."""
+        tables = ", ".join(table.name for table in metadata.sorted_tables)
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql(f"ANALYZE {tables}")
+        except sa_exc.SQLAlchemyError as exc:
+            log.warning("ANALYZE of the CRM tables failed (%s)", type(exc).__name__)
 
     def _translate_any(self, exc: Exception) -> Exception:
         """Database errors of SQLAlchemy or of the driver (PEP 249) → our error tree."""

@@ -40,3 +40,36 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
             backend.open_sync()
     finally:
         backend.close_sync()
+
+
+@pytest.mark.postgres
+def test_postgres_tables_are_analysed_as_the_crm_grows(pg_url: str) -> None:
+    """Without statistics PostgreSQL plans a batch's key lookups as whole-table scans;
+    the backend analyses its tables after its first ANALYSE_FIRST records (autovacuum is
+    off on the test cluster, so nothing else does)."""
+    from sqlalchemy import text
+
+    from proca_sync.crm.sql import ANALYSE_FIRST
+    from proca_sync.engine import Engine
+    from tests.support.builders import action, dumps
+
+    bodies = [
+        dumps(action(100_000 + n, ref=f"r{n:06d}".ljust(43, "x"), email=f"p{n}@example.org",
+                     created="2024-01-01T10:00:00Z"))
+        for n in range(ANALYSE_FIRST + 50)
+    ]  # fmt: skip
+    engine = Engine(backend=SqlBackend(pg_url))
+    records = [engine.prepare(body) for body in bodies]
+
+    def analysed(backend: SqlBackend) -> float:
+        with backend.engine.connect() as conn:
+            return float(conn.execute(text(
+                "SELECT reltuples FROM pg_class WHERE oid = 'applied_messages'::regclass"
+            )).scalar_one())  # fmt: skip
+
+    with SqlBackend(pg_url) as backend:
+        backend.apply_sync(records[:100])  # type: ignore[arg-type]
+        assert analysed(backend) < 0  # never analysed: -1
+        for start in range(100, len(records), 100):
+            backend.apply_sync(records[start : start + 100])  # type: ignore[arg-type]
+        assert analysed(backend) >= ANALYSE_FIRST
