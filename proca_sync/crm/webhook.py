@@ -391,22 +391,7 @@ class WebhookBackend:
         Raises :class:`BackendUnavailableError` otherwise (with ``retry_after``).
         """
         session = await self._ensure_session()
-        try:
-            async with session.get(
-                self._target,
-                allow_redirects=False,
-                proxy=self._proxy,
-            ) as response:
-                # Read to the end, so that the connection can be reused.
-                await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except TimeoutError as exc:  # aiohttp.ServerTimeoutError included
-            raise BackendUnavailableError(
-                f"webhook ping timed out ({type(exc).__name__})"
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise BackendUnavailableError(f"webhook unreachable ({type(exc).__name__})") from None
+        status, retry_after = await self._request(session, "GET", "ping")
         if _is_transient_status(status):
             raise _unavailable(status, retry_after, "ping")
 
@@ -465,6 +450,27 @@ class WebhookBackend:
                 failures.append(exc)
                 return
 
+    async def _request(
+        self, session: aiohttp.ClientSession, method: str, what: str, **kwargs: Any
+    ) -> tuple[int, str | None]:
+        """One request to the webhook: its status and ``Retry-After``. The answer is read
+        to the end (never kept), so that the connection can be reused. Timeouts and
+        connection errors are :class:`BackendUnavailableError` naming ``what``."""
+        try:
+            async with session.request(
+                method, self._target, allow_redirects=False, proxy=self._proxy, **kwargs
+            ) as response:
+                await response.read()
+                return response.status, response.headers.get("Retry-After")
+        except TimeoutError as exc:  # aiohttp.ServerTimeoutError included
+            raise BackendUnavailableError(
+                f"webhook timed out on {what} ({type(exc).__name__})"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BackendUnavailableError(
+                f"webhook unreachable for {what} ({type(exc).__name__})"
+            ) from None
+
     async def _send(self, session: aiohttp.ClientSession, record: SyncRecord) -> ApplyResult:
         if _NOT_HEADER_VALUE.search(record.key):
             return BackendRejectedError(
@@ -477,26 +483,10 @@ class WebhookBackend:
         headers = {IDEMPOTENCY_HEADER: record.key}
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
-        try:
-            async with session.post(
-                self._target,
-                data=body if len(body) <= _BUFFERED_BODY else _Body(body, self.timeout),
-                headers=headers,
-                allow_redirects=False,
-                proxy=self._proxy,
-            ) as response:
-                # Read to the end (never kept), so that the connection can be reused.
-                await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except TimeoutError as exc:  # aiohttp.ServerTimeoutError included
-            raise BackendUnavailableError(
-                f"webhook timed out on {record.key} ({type(exc).__name__})"
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise BackendUnavailableError(
-                f"webhook unreachable for {record.key} ({type(exc).__name__})"
-            ) from None
+        data = body if len(body) <= _BUFFERED_BODY else _Body(body, self.timeout)
+        status, retry_after = await self._request(
+            session, "POST", record.key, data=data, headers=headers
+        )
         if 200 <= status < 300:
             return "applied"
         if status == 409:
