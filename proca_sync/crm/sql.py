@@ -58,7 +58,15 @@ from proca_sync.errors import (
     PermanentError,
 )
 from proca_sync.sync.contacts import ContactState, normalise_email
-from proca_sync.sync.records import ActionRecord, CampaignFact, ContactFacts, SyncRecord
+from proca_sync.sync.model import COLUMN_FIELDS
+from proca_sync.sync.records import (
+    ActionRecord,
+    CampaignFact,
+    ConsentFact,
+    ContactFacts,
+    StatusFact,
+    SyncRecord,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqlBackend", "create_store_engine", "normalise_url"]
 
@@ -648,9 +656,6 @@ class _Statements:
             self._cache[key] = sql
         return sql
 
-    def applied(self, count: int) -> str:
-        names = ", ".join(f":k{i}" for i in range(count))
-        return self._q(f"SELECT key FROM applied_messages WHERE key IN ({names})")
 
     def select(self, query: tuple[str, str], count: int) -> str:
         """``query`` (its text ends in a column; with its array type) for ``count``
@@ -804,7 +809,73 @@ def _json_value(value: Any) -> Any:
     return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
-class _BatchWriter:
+class _Writer:
+    """One batch on one driver cursor, inside one transaction: the loop both writers
+    share. Each record is skipped when its key was applied before, else its contact,
+    action and campaign are applied through the writer's own methods."""
+
+    def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
+        self.cursor = cursor
+        self.sql = sql
+        self.campaign_stamps = campaign_stamps
+        self.now = _now()
+
+    def apply(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
+        keys = list(dict.fromkeys(r.key for r in records))
+        seen = {row[0] for row in self._select(_APPLIED_KEYS, keys)}
+        self._begin(records)
+        results: list[ApplyResult] = []
+        applied: list[dict[str, Any]] = []
+        for index, record in enumerate(records):
+            if record.key in seen:
+                results.append("duplicate")
+                continue
+            seen.add(record.key)
+            contact_id = None
+            if record.contact is not None:
+                contact_id = self._contact(record.contact, record.action)
+            if record.action is not None and contact_id is not None:
+                self._action(index, record.action, contact_id)
+            if record.campaign is not None:
+                self._campaign(index, record.campaign)
+            applied.append({"key": record.key, "kind": record.kind, "applied_at": self.now})
+            results.append("applied")
+        self._end(applied)
+        return results
+
+    def _select(self, query: tuple[str, str], values: list[Any]) -> list[Any]:
+        """The rows of ``query`` for ``values`` (in chunks on SQLite)."""
+        if not values:
+            return []
+        if self.sql.postgres:
+            self.cursor.execute(self.sql.select(query, 0), {"p": values})
+            return self.cursor.fetchall()  # type: ignore[no-any-return]
+        rows: list[Any] = []
+        for start in range(0, len(values), _IN_CHUNK):
+            chunk = values[start : start + _IN_CHUNK]
+            params = {f"p{i}": value for i, value in enumerate(chunk)}
+            self.cursor.execute(self.sql.select(query, len(chunk)), params)
+            rows.extend(self.cursor.fetchall())
+        return rows
+
+    def _begin(self, records: Sequence[SyncRecord]) -> None:
+        """Before the loop (the records not yet known to be new)."""
+
+    def _contact(self, facts: ContactFacts, action: ActionRecord | None) -> int:
+        raise NotImplementedError
+
+    def _action(self, index: int, record: ActionRecord, contact_id: int) -> None:
+        raise NotImplementedError
+
+    def _campaign(self, index: int, fact: CampaignFact) -> None:
+        raise NotImplementedError
+
+    def _end(self, applied: list[dict[str, Any]]) -> None:
+        """After the loop: the remaining writes and the applied keys."""
+        raise NotImplementedError
+
+
+class _BatchWriter(_Writer):
     """Applies one batch of records on one driver cursor, inside one transaction, with
     a few statements per batch rather than several per record.
 
@@ -831,10 +902,7 @@ class _BatchWriter:
     """
 
     def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
-        self.cursor = cursor
-        self.sql = sql
-        self.campaign_stamps = campaign_stamps
-        self.now = _now()
+        super().__init__(cursor, sql, campaign_stamps)
         # The view of the stored rows the batch reaches, as the batch changes them.
         self.states: dict[int, ContactState] = {}
         self.key_owners: dict[tuple[str, str], int] = {}
@@ -896,27 +964,12 @@ class _BatchWriter:
             texts.append((action_text, campaign_text))
         return True
 
-    def apply(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
-        """Apply ``records``, which :meth:`accepts` accepted."""
-        keys = list(dict.fromkeys(r.key for r in records))
-        seen = {row[0] for row in self._select(_APPLIED_KEYS, keys)}
+    # apply() is _Writer's, for records that :meth:`accepts` accepted.
+
+    def _begin(self, records: Sequence[SyncRecord]) -> None:
         self._read(records)
-        results: list[ApplyResult] = []
-        applied: list[dict[str, Any]] = []
-        for record, (action_text, campaign_text) in zip(records, self.texts, strict=True):
-            if record.key in seen:
-                results.append("duplicate")
-                continue
-            seen.add(record.key)
-            contact_id = None
-            if record.contact is not None:
-                contact_id = self._contact(record.contact, record.action)
-            if record.action is not None and contact_id is not None:
-                self._action(record.action, action_text, contact_id)
-            if record.campaign is not None:
-                self._campaign(record.campaign, campaign_text)
-            applied.append({"key": record.key, "kind": record.kind, "applied_at": self.now})
-            results.append("applied")
+
+    def _end(self, applied: list[dict[str, Any]]) -> None:
         self._flush()
         self._many(
             "update_contact",
@@ -924,24 +977,8 @@ class _BatchWriter:
         )
         self._write_campaigns()
         self._many("insert_applied", applied)
-        return results
 
     # ---- reading ------------------------------------------------------------------------
-
-    def _select(self, query: tuple[str, str], values: list[Any]) -> list[Any]:
-        """The rows of ``query`` for ``values`` (in chunks on SQLite)."""
-        if not values:
-            return []
-        if self.sql.postgres:
-            self.cursor.execute(self.sql.select(query, 0), {"p": values})
-            return self.cursor.fetchall()  # type: ignore[no-any-return]
-        rows: list[Any] = []
-        for start in range(0, len(values), _IN_CHUNK):
-            chunk = values[start : start + _IN_CHUNK]
-            params = {f"p{i}": value for i, value in enumerate(chunk)}
-            self.cursor.execute(self.sql.select(query, len(chunk)), params)
-            rows.extend(self.cursor.fetchall())
-        return rows
 
     def _many(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Run statement ``name`` for each row: a single statement where possible."""
@@ -1034,24 +1071,9 @@ class _BatchWriter:
                 owners[key] = survivor
                 self.new_keys.append((*key, survivor))
         if facts.consent is not None:
-            self.consents.append(
-                {
-                    "contact_id": survivor,
-                    "action_id": facts.consent.action_id,
-                    "opt_in": _OPT_IN_TEXT[facts.consent.opt_in],
-                    "given_at": facts.consent.given_at or "",
-                }
-            )
+            self.consents.append(_consent_row(facts.consent, survivor))
         if facts.status is not None:
-            self.statuses.append(
-                {
-                    "contact_id": survivor,
-                    "status": facts.status.status,
-                    "changed_at": facts.status.changed_at,
-                    "stamp": facts.status.stamp,
-                    "source": facts.status.source,
-                }
-            )
+            self.statuses.append(_status_row(facts.status, survivor))
         return survivor
 
     def _merge(self, other: int, survivor: int) -> None:
@@ -1071,8 +1093,9 @@ class _BatchWriter:
         del self.states[other]
         self.changed.pop(other, None)
 
-    def _action(self, record: ActionRecord, data: str, contact: int) -> None:
+    def _action(self, index: int, record: ActionRecord, contact: int) -> None:
         """Insert, update (a newer version) or move (to this record's contact)."""
+        data = self.texts[index][0]
         action_id = record.action_id
         current = self.action_owners.get(action_id)
         pending = self.actions.get(action_id)
@@ -1090,7 +1113,8 @@ class _BatchWriter:
             else:
                 self.actions[action_id] = (*pending[:3], contact)
 
-    def _campaign(self, fact: CampaignFact, data: str) -> None:
+    def _campaign(self, index: int, fact: CampaignFact) -> None:
+        data = self.texts[index][1]
         known = self.campaign_stamps.get(fact.name)
         if known is not None and known >= fact.stamp:
             return
@@ -1187,49 +1211,18 @@ class _BatchWriter:
             self.cursor.executemany(self.sql.insert_campaign, inserts)
 
 
-class _RecordWriter:
+class _RecordWriter(_Writer):
     """Applies one batch record by record, each with its own statements (the writer
     before _BatchWriter, unchanged): for a batch :meth:`_BatchWriter.accepts` refuses,
     so that it fails, or not, at the same record and in the same way as ever."""
-
-    def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
-        self.cursor = cursor
-        self.sql = sql
-        self.campaign_stamps = campaign_stamps
-        self.now = _now()
 
     def _one(self, sql: str, params: dict[str, Any]) -> Any:
         self.cursor.execute(sql, params)
         return self.cursor.fetchone()
 
-    def apply(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
-        seen: set[str] = set()
-        keys = list(dict.fromkeys(r.key for r in records))
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            self.cursor.execute(
-                self.sql.applied(len(chunk)), {f"k{i}": key for i, key in enumerate(chunk)}
-            )
-            seen.update(row[0] for row in self.cursor.fetchall())
-        results: list[ApplyResult] = []
-        applied: list[dict[str, Any]] = []
-        for record in records:
-            if record.key in seen:
-                results.append("duplicate")
-                continue
-            seen.add(record.key)
-            contact_id = None
-            if record.contact is not None:
-                contact_id = self._contact(record.contact, record.action)
-            if record.action is not None and contact_id is not None:
-                self._action(record.action, contact_id)
-            if record.campaign is not None:
-                self._campaign(record.campaign)
-            applied.append({"key": record.key, "kind": record.kind, "applied_at": self.now})
-            results.append("applied")
+    def _end(self, applied: list[dict[str, Any]]) -> None:
         if applied:
             self.cursor.executemany(self.sql.insert_applied, applied)
-        return results
 
     def _contact(self, facts: ContactFacts, action: ActionRecord | None) -> int:
         refs, emails = sorted(facts.refs), sorted(facts.emails)
@@ -1266,26 +1259,9 @@ class _RecordWriter:
         if new_keys:
             self.cursor.executemany(self.sql.insert_key, new_keys)
         if facts.consent is not None:
-            self.cursor.execute(
-                self.sql.insert_consent,
-                {
-                    "contact_id": survivor,
-                    "action_id": facts.consent.action_id,
-                    "opt_in": _OPT_IN_TEXT[facts.consent.opt_in],
-                    "given_at": facts.consent.given_at or "",
-                },
-            )
+            self.cursor.execute(self.sql.insert_consent, _consent_row(facts.consent, survivor))
         if facts.status is not None:
-            self.cursor.execute(
-                self.sql.insert_status,
-                {
-                    "contact_id": survivor,
-                    "status": facts.status.status,
-                    "changed_at": facts.status.changed_at,
-                    "stamp": facts.status.stamp,
-                    "source": facts.status.source,
-                },
-            )
+            self.cursor.execute(self.sql.insert_status, _status_row(facts.status, survivor))
         return survivor
 
     def _load(self, contact_id: int) -> ContactState:
@@ -1304,7 +1280,7 @@ class _RecordWriter:
         self.cursor.execute(self.sql.delete_statuses, {"other": other})
         self.cursor.execute(self.sql.delete_contact, {"other": other})
 
-    def _action(self, record: ActionRecord, contact_id: int) -> None:
+    def _action(self, index: int, record: ActionRecord, contact_id: int) -> None:
         current = self._one(self.sql.action_owner, {"action_id": record.action_id})
         values = {
             "action_id": record.action_id,
@@ -1325,7 +1301,7 @@ class _RecordWriter:
                 self.sql.move_action, {"action_id": record.action_id, "contact_id": contact_id}
             )
 
-    def _campaign(self, fact: CampaignFact) -> None:
+    def _campaign(self, index: int, fact: CampaignFact) -> None:
         known = self.campaign_stamps.get(fact.name)
         if known is not None and known >= fact.stamp:
             return
@@ -1346,7 +1322,6 @@ class _RecordWriter:
 
 
 _I64 = 1 << 63
-_COLUMN_FIELDS = frozenset({"email", "firstName", "lastName", "postcode", "country"})
 
 
 def _plain_contact(facts: ContactFacts) -> bool:
@@ -1363,7 +1338,7 @@ def _plain_contact(facts: ContactFacts) -> bool:
         return False
     for name, value in facts.fields.items():
         if type(value) is not str and not (
-            _json(value) and (name not in _COLUMN_FIELDS or type(value) not in (list, dict))
+            _json(value) and (name not in COLUMN_FIELDS or type(value) not in (list, dict))
         ):
             return False
     consent = facts.consent
@@ -1448,6 +1423,25 @@ def _stored_state(row: Sequence[Any]) -> ContactState:
         status_changed=row[6],
         status_stamp=row[7],
     )
+
+
+def _consent_row(consent: ConsentFact, contact_id: int) -> dict[str, Any]:
+    return {
+        "contact_id": contact_id,
+        "action_id": consent.action_id,
+        "opt_in": _OPT_IN_TEXT[consent.opt_in],
+        "given_at": consent.given_at or "",
+    }
+
+
+def _status_row(status: StatusFact, contact_id: int) -> dict[str, Any]:
+    return {
+        "contact_id": contact_id,
+        "status": status.status,
+        "changed_at": status.changed_at,
+        "stamp": status.stamp,
+        "source": status.source,
+    }
 
 
 def _state_row(state: ContactState, now: str) -> dict[str, Any]:

@@ -50,10 +50,10 @@ from proca_sync.sync.records import (
     SyncRecord,
 )
 
-__all__ = ["Options", "body_digest", "model_message"]
+__all__ = ["COLUMN_FIELDS", "Options", "body_digest", "model_message"]
 
 _NOT_PERSONAL_FIELDS = frozenset({"contactRef", "dupeRank"})
-_SCALAR_FIELDS = frozenset({"email", "firstName", "lastName", "postcode", "country"})
+COLUMN_FIELDS = frozenset({"email", "firstName", "lastName", "postcode", "country"})
 """Fields a CRM keeps in columns of their own: a list or an object there is not data any
 CRM can store, whatever the retries (the other fields are kept as JSON, as sent)."""
 
@@ -75,7 +75,7 @@ def _personal_fields(record: dict[str, Any]) -> dict[str, Any]:
         for key, value in record.items()
         if key not in _NOT_PERSONAL_FIELDS and value is not None and value != ""
     }
-    for name in _SCALAR_FIELDS.intersection(fields):
+    for name in COLUMN_FIELDS.intersection(fields):
         if isinstance(fields[name], list | dict):
             kind = type(fields[name]).__name__
             raise DecodeError(f"contact.{name} is a {kind}", reason=Reason.INVALID_FIELD)
