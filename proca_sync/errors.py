@@ -49,6 +49,10 @@ class Reason(StrEnum):
     INVALID_PLAINTEXT = "invalid_plaintext"
     CRM_REJECTED = "crm_rejected"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    # Delivery workers (proca_sync/pipeline/workers/).
+    TEMPLATE_ERROR = "template_error"
+    SMTP_REJECTED = "smtp_rejected"
+    DESTINATION_REJECTED = "destination_rejected"
 
 
 class ProcaSyncError(Exception):
