@@ -516,7 +516,6 @@ def build_message(settings: EmailSettings, recipient: str, rendered: Rendered,
     mail["Subject"] = rendered.subject
     mail["Message-ID"] = mid
     mail["Date"] = format_datetime(_utcnow())
-    mail["Content-Language"] = rendered.locale.replace("_", "-")
     mail["X-Proca-Action-Id"] = str(action_id)
     mail["X-Proca-Email-Kind"] = kind.value
     if rendered.text is not None:
@@ -525,6 +524,8 @@ def build_message(settings: EmailSettings, recipient: str, rendered: Rendered,
             mail.add_alternative(rendered.html, subtype="html")
     elif rendered.html is not None:
         mail.set_content(rendered.html, subtype="html")
+    # After set_content, which drops every Content-* header set before it.
+    mail["Content-Language"] = rendered.locale.replace("_", "-")
     return mail
 
 
