@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import email
+import os
+import signal
 import email.policy
 import socket
 import threading
@@ -39,6 +41,11 @@ class SinkHandler:
     defer_times: int = 2
     deferred: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    kill_pid: int | None = None
+    """SIGKILL this process when message number ``kill_at`` arrives, before answering it:
+    the sender dies inside the window where the server has the message and the sender
+    has not recorded it."""
+    kill_at: int = 0
 
     async def handle_RCPT(self, server: SmtpServer, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -59,6 +66,9 @@ class SinkHandler:
         assert isinstance(parsed, EmailMessage)
         with self.lock:
             self.messages.append(parsed)
+            if self.kill_pid is not None and len(self.messages) >= self.kill_at:
+                os.kill(self.kill_pid, signal.SIGKILL)
+                self.kill_pid = None
         return "250 Message accepted"
 
     def by_kind(self) -> dict[tuple[int, str], list[EmailMessage]]:
