@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 import email
+import email.policy
 import os
 import signal
-import email.policy
 import socket
 import threading
 from dataclasses import dataclass, field

@@ -156,7 +156,8 @@ class SqsHandler:
         self.batch_wait = settings.batch_wait
         self.fifo = settings.queue_url.rstrip("/").endswith(".fifo")
         self._client: SQSClient | None = None
-        self.calls = 0
+        self.call_sizes: list[int] = []
+        """Entries of each SendMessageBatch call (observed by tests and the bench)."""
 
     async def open(self) -> None:
         def make() -> SQSClient:
@@ -255,7 +256,7 @@ class SqsHandler:
     async def _call(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
         assert self._client is not None, "open() first"
         client = self._client
-        self.calls += 1
+        self.call_sizes.append(len(entries))
 
         def call() -> dict[str, Any]:
             answer: Any = client.send_message_batch(
