@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -59,12 +60,13 @@ def worker_args(org: ConsumerOrg, sink: SmtpSink, tmp_path: Path, *extra: str) -
     ]
 
 
-async def start(args: list[str], org: ConsumerOrg) -> asyncio.subprocess.Process:
+async def start(args: list[str], org: ConsumerOrg, log: IO[bytes]
+                ) -> asyncio.subprocess.Process:
     _, credentials = split_credentials(org.url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
     return await asyncio.create_subprocess_exec(
         *args, env={**env, **credentials}, cwd=ROOT, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=log,
     )
 
 
@@ -75,11 +77,11 @@ async def test_sigkill_never_sends_twice(email_org: ConsumerOrg, tmp_path: Path)
     bodies = [email_case(i, ref=f"ref{i:040d}", page_id=i) for i in ids]
     kill_points = sorted(rng.sample(range(5, MESSAGES - 20), KILLS))
     await email_org.publish(bodies, queue=email_supporter_queue(email_org.org))
-    with SmtpSink() as sink:
+    with SmtpSink() as sink, (tmp_path / "worker.log").open("ab") as log:
         args = worker_args(email_org, sink, tmp_path)
         in_window = 0
         for n, point in enumerate(kill_points):
-            proc = await start(args, email_org)
+            proc = await start(args, email_org, log)
             # Every other kill (the first included) lands inside the ambiguous window: the
             # SMTP server kills the worker on receiving an e-mail, before answering it.
             # The others at a random moment after the point-th e-mail.
@@ -94,8 +96,9 @@ async def test_sigkill_never_sends_twice(email_org: ConsumerOrg, tmp_path: Path)
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGKILL)
                 await proc.wait()
-            assert proc.returncode == -signal.SIGKILL
-        final = await start([*args, "--exit-when-idle", "--idle-seconds", "0.5"], email_org)
+            assert proc.returncode == -signal.SIGKILL, (tmp_path / "worker.log").read_text()
+        final = await start([*args, "--exit-when-idle", "--idle-seconds", "0.5"], email_org,
+                            log)
         code = await asyncio.wait_for(final.wait(), timeout=120)
         assert code == 0
         received = sink.handler.by_kind()

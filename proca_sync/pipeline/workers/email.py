@@ -32,15 +32,20 @@ missing template or a template that does not render → ``template_error`` (park
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import html
 import logging
 import re
 import ssl
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
+from dataclasses import dataclass, field
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import compat32
 from email.utils import format_datetime, formataddr
 from enum import StrEnum
 from pathlib import Path
@@ -508,31 +513,38 @@ class RateLimiter:
 # ---- the handler ------------------------------------------------------------------------
 
 
+_UTF8 = Charset("utf-8")
+_UTF8.header_encoding = QP
+_UTF8.body_encoding = QP
+_WIRE = compat32.clone(linesep="\r\n")
+
+
 def build_message(settings: EmailSettings, recipient: str, rendered: Rendered,
-                  mid: str, action_id: int, kind: EmailKind) -> EmailMessage:
-    mail = EmailMessage()
-    mail["From"] = formataddr((settings.sender_name or "", settings.sender))
+                  mid: str, action_id: int, kind: EmailKind) -> bytes:
+    """The message bytes (CRLF line ends): text and HTML alternatives, UTF-8 quoted-printable.
+
+    Built with the ``email.mime`` classes: several times cheaper than ``EmailMessage``
+    with the default policy, which cost ~5 ms per message here."""
+    parts = [MIMEText(body, subtype, _UTF8) for body, subtype in  # type: ignore[arg-type]
+             ((rendered.text, "plain"), (rendered.html, "html")) if body is not None]
+    mail: Message = parts[0] if len(parts) == 1 else MIMEMultipart("alternative", None, parts)
+    mail["From"] = formataddr((settings.sender_name or "", settings.sender), charset="utf-8")
     mail["To"] = recipient
-    mail["Subject"] = rendered.subject
+    mail["Subject"] = Header(rendered.subject, _UTF8).encode()
     mail["Message-ID"] = mid
-    mail["Date"] = format_datetime(_utcnow())
+    mail["Date"] = format_datetime(dt.datetime.now(dt.UTC))
+    mail["Content-Language"] = rendered.locale.replace("_", "-")
     mail["X-Proca-Action-Id"] = str(action_id)
     mail["X-Proca-Email-Kind"] = kind.value
-    if rendered.text is not None:
-        mail.set_content(rendered.text)
-        if rendered.html is not None:
-            mail.add_alternative(rendered.html, subtype="html")
-    elif rendered.html is not None:
-        mail.set_content(rendered.html, subtype="html")
-    # After set_content, which drops every Content-* header set before it.
-    mail["Content-Language"] = rendered.locale.replace("_", "-")
-    return mail
+    return mail.as_bytes(policy=_WIRE)
 
 
-def _utcnow() -> Any:
-    import datetime as dt
+@dataclass
+class _Batch:
+    """What one batch writes to the ledger at its end, in one commit."""
 
-    return dt.datetime.now(dt.UTC)
+    sent: list[tuple[int, str]] = field(default_factory=list)
+    seen: list[tuple[int, str, int]] = field(default_factory=list)
 
 
 class EmailHandler:
@@ -559,15 +571,24 @@ class EmailHandler:
         await self.ledger.close()
 
     async def handle(self, bodies: Sequence[bytes]) -> Sequence[Result]:
+        """Each body in order. An e-mail is marked sent by the next claim's commit, the
+        batch's last one by a commit at its end (also noting the delivered actions for
+        the repeat check)."""
+        batch = _Batch()
         results: list[Result] = []
         for body in bodies:
             try:
-                results.append(await self._one(body))
+                results.append(await self._one(body, batch))
             except (PermanentError, TransientError) as exc:
                 results.append(exc)
+        try:
+            await self.ledger.finish(batch.sent, batch.seen)
+        except TransientError as exc:
+            # Not recorded: retry them; a sent one is found "sending" and not resent.
+            results = [exc if isinstance(r, Done) else r for r in results]
         return results
 
-    async def _one(self, body: bytes) -> Result:
+    async def _one(self, body: bytes, batch: _Batch) -> Result:
         message = decode(body)
         if not isinstance(message, ActionMessage) or message.action_id is None:
             return Done("skipped:not_an_action")
@@ -576,10 +597,14 @@ class EmailHandler:
         action_id = message.action_id
         repeat = False
         ref = message.contact.contact_ref
+        page_id = message.action_page_id
         if (message.stage is Stage.DELIVER and message.privacy.with_consent
-                and ref and message.action_page_id is not None):
-            seen = await self.ledger.seen_before(action_id, ref, message.action_page_id)
-            repeat = seen and (message.contact.dupe_rank or 0) > 0
+                and ref and page_id is not None):
+            if (message.contact.dupe_rank or 0) > 0:
+                repeat = any(
+                    r == ref and p == page_id and a < action_id for a, r, p in batch.seen
+                ) or await self.ledger.earlier_on_page(action_id, ref, page_id)
+            batch.seen.append((action_id, ref, page_id))
         choice = choose(message, self.settings, repeat=repeat)
         if isinstance(choice, str):
             return Done(f"skipped:{choice}", action_id)
@@ -592,13 +617,15 @@ class EmailHandler:
             choice.template, locale, self.settings.default_locale, variables
         )
         mid = message_id(action_id, choice.kind, self.settings.domain)
-        claim = await self.ledger.claim(action_id, choice.kind.value, mid, message.org_id)
+        claim = await self.ledger.claim(
+            action_id, choice.kind.value, mid, message.org_id, sent=batch.sent
+        )
+        batch.sent = []  # committed with the claim
         if claim is Claim.SENT:
             return Done("duplicate", action_id)
         if claim is Claim.AMBIGUOUS:
             return self._ambiguous(action_id, choice.kind, "found_sending")
-        mail = build_message(self.settings, recipient, rendered, mid, action_id, choice.kind)
-        data = mail.as_bytes(policy=SMTP_POLICY)
+        data = build_message(self.settings, recipient, rendered, mid, action_id, choice.kind)
         await self.limiter.acquire()
         try:
             await self.smtp.send(self.settings.sender, recipient, data)
@@ -611,7 +638,7 @@ class EmailHandler:
         except TransientError:
             await self.ledger.mark(action_id, choice.kind.value, SentState.FAILED)
             raise
-        await self.ledger.mark(action_id, choice.kind.value, SentState.SENT)
+        batch.sent.append((action_id, choice.kind.value))
         return Done(f"sent:{choice.kind.value}", action_id)
 
     def _ambiguous(self, action_id: int, kind: EmailKind, why: str) -> Done:

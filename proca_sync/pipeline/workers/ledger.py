@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Any
@@ -91,6 +92,16 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _mark_sent(conn: Any, sent: Sequence[tuple[int, str]]) -> None:
+    now = _now()
+    for action_id, kind in sent:
+        conn.execute(
+            update(email_sent)
+            .where(email_sent.c.action_id == action_id, email_sent.c.kind == kind)
+            .values(state=SentState.SENT.value, updated_at=now)
+        )
+
+
 class SentLedger:
     """Durable (action id, kind) → state. Thread-confined: every call runs on one thread."""
 
@@ -130,15 +141,28 @@ class SentLedger:
 
     # ---- sends --------------------------------------------------------------------------
 
-    async def claim(self, action_id: int, kind: str, message_id: str, org_id: int | None) -> Claim:
-        """Record ``sending`` for (action, kind) unless it was sent or may have been."""
-        result: Claim = await self._run(self.claim_sync, action_id, kind, message_id, org_id)
+    async def claim(
+        self, action_id: int, kind: str, message_id: str, org_id: int | None,
+        *, sent: Sequence[tuple[int, str]] = (),
+    ) -> Claim:
+        """Record ``sending`` for (action, kind) unless it was sent or may have been.
+
+        ``sent``: e-mails sent since the last commit, marked ``sent`` in the same
+        transaction (one commit per e-mail, and a sent e-mail stays unrecorded no longer
+        than until the next claim)."""
+        result: Claim = await self._run(
+            self.claim_sync, action_id, kind, message_id, org_id, sent
+        )
         return result
 
-    def claim_sync(self, action_id: int, kind: str, message_id: str, org_id: int | None) -> Claim:
+    def claim_sync(
+        self, action_id: int, kind: str, message_id: str, org_id: int | None,
+        sent: Sequence[tuple[int, str]] = (),
+    ) -> Claim:
         key = (email_sent.c.action_id == action_id, email_sent.c.kind == kind)
         try:
             with self.engine.begin() as conn:
+                _mark_sent(conn, sent)
                 conn.execute(insert(email_sent).values(
                     action_id=action_id, kind=kind, state=SentState.SENDING.value,
                     message_id=message_id, org_id=org_id, updated_at=_now(),
@@ -147,6 +171,7 @@ class SentLedger:
         except sa_exc.IntegrityError:
             pass
         with self.engine.begin() as conn:
+            _mark_sent(conn, sent)
             state = conn.execute(select(email_sent.c.state).where(*key)).scalar_one()
             if state in (SentState.FAILED, SentState.REJECTED):
                 taken = conn.execute(
@@ -174,31 +199,48 @@ class SentLedger:
                 .values(state=state.value, updated_at=_now())
             )
 
-    # ---- repeats ------------------------------------------------------------------------
+    # ---- batch end and repeats --------------------------------------------------------
 
-    async def seen_before(self, action_id: int, contact_ref: str, page_id: int) -> bool:
-        """Note this delivered action; ``True`` when an earlier action of the same contact
-        on the same page was noted (the action is a ``repeat``)."""
-        result: bool = await self._run(self.seen_before_sync, action_id, contact_ref, page_id)
+    async def finish(
+        self, sent: Sequence[tuple[int, str]], seen: Sequence[tuple[int, str, int]]
+    ) -> None:
+        """One commit for a batch: ``sent`` (action id, kind) marked sent, and the
+        delivered (action id, contact ref, page id) noted for :meth:`earlier_on_page`."""
+        if sent or seen:
+            await self._run(self.finish_sync, sent, seen)
+
+    def finish_sync(
+        self, sent: Sequence[tuple[int, str]], seen: Sequence[tuple[int, str, int]]
+    ) -> None:
+        with self.engine.begin() as conn:
+            _mark_sent(conn, sent)
+            if seen:
+                ids = [action_id for action_id, _ref, _page in seen]
+                known = set(conn.execute(
+                    select(email_seen.c.action_id).where(email_seen.c.action_id.in_(ids))
+                ).scalars())
+                rows = [{"action_id": a, "contact_ref": r, "page_id": p}
+                        for a, r, p in dict.fromkeys(seen) if a not in known]
+                if rows:
+                    conn.execute(insert(email_seen), rows)
+
+    async def earlier_on_page(self, action_id: int, contact_ref: str, page_id: int) -> bool:
+        """Whether an earlier action of the same contact on the same page was delivered
+        (noted by :meth:`finish`): the action is a ``repeat``."""
+        result: bool = await self._run(self.earlier_on_page_sync, action_id, contact_ref,
+                                       page_id)
         return result
 
-    def seen_before_sync(self, action_id: int, contact_ref: str, page_id: int) -> bool:
-        with self.engine.begin() as conn:
+    def earlier_on_page_sync(self, action_id: int, contact_ref: str, page_id: int) -> bool:
+        with self.engine.connect() as conn:
             earlier = conn.execute(
-                select(func.count()).select_from(email_seen).where(
+                select(email_seen.c.action_id).where(
                     email_seen.c.contact_ref == contact_ref,
                     email_seen.c.page_id == page_id,
                     email_seen.c.action_id < action_id,
-                )
-            ).scalar()
-            known = conn.execute(
-                select(email_seen.c.action_id).where(email_seen.c.action_id == action_id)
+                ).limit(1)
             ).first()
-            if known is None:
-                conn.execute(insert(email_seen).values(
-                    action_id=action_id, contact_ref=contact_ref, page_id=page_id
-                ))
-        return bool(earlier)
+        return earlier is not None
 
     # ---- reading ------------------------------------------------------------------------
 
