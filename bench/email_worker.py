@@ -48,7 +48,8 @@ async def baseline(sink: SmtpSink, n: int) -> float:
     return n / elapsed
 
 
-async def worker_rate(amqp: str, n: int, work: Path, sink: SmtpSink) -> float:
+async def worker_rate(amqp: str, n: int, work: Path, sink: SmtpSink,
+                      profile: Path | None = None, concurrency: int = 1) -> float:
     org = random.randint(10_000_000, 2_000_000_000)
     topology = await declare_worker_org(amqp, org, OrgFlags(email_backend=True))
     try:
@@ -62,14 +63,16 @@ async def worker_rate(amqp: str, n: int, work: Path, sink: SmtpSink) -> float:
             )
         await connection.close()
         url, credentials = split_credentials(amqp)
+        prefix = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
         args = [
-            sys.executable, "-m", "proca_sync", "worker", "email", "--org", str(org),
+            sys.executable, *prefix, "-m", "proca_sync", "worker", "email", "--org", str(org),
             "--url", url, "--sender", "campaigns@example.org", "--smtp-host", "127.0.0.1",
             "--smtp-port", str(sink.port), "--smtp-security", "none",
             "--templates", str(write_templates(work / "templates")),
             "--ledger", f"sqlite:///{work / f'ledger-{org}.db'}",
             "--parked", f"sqlite:///{work / f'parked-{org}.db'}", "--rate", "0",
-            "--exit-when-idle", "--idle-seconds", "0.3", "--log-level", "WARNING",
+            "--exit-when-idle", "--idle-seconds", "0.3", "--concurrency", str(concurrency),
+            "--log-level", os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
         before = sink.handler.count()
@@ -93,14 +96,19 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="Write a cProfile of the worker process here.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /
                         "email_worker.json")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, SmtpSink() as sink:
         base = await baseline(sink, options.n)
-        rate = await worker_rate(options.amqp, options.n, Path(tmp), sink)
-    result = {"n": options.n, "worker_emails_per_s": round(rate, 1),
-              "baseline_emails_per_s": round(base, 1), "ratio": round(rate / base, 3)}
+        rate = await worker_rate(options.amqp, options.n, Path(tmp), sink, options.profile,
+                                 options.concurrency)
+    result = {"n": options.n, "concurrency": options.concurrency,
+              "worker_emails_per_s": round(rate, 1), "baseline_emails_per_s": round(base, 1),
+              "ratio": round(rate / base, 3)}
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(result).decode())

@@ -123,8 +123,8 @@ class WorkerRunner:
         """Consume until :meth:`request_stop`. Raises ConfigError / IntakeError before
         consuming anything when the handler or the queue cannot be used."""
         await self.parking.open()
-        await self.handler.open()
         try:
+            await self.handler.open()
             await self.intake.open()
         except BaseException:
             await self._close_stores()

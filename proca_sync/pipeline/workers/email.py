@@ -401,6 +401,7 @@ class SmtpSender:
         self.settings = settings
         self._password = settings.password()
         self._smtp: aiosmtplib.SMTP | None = None
+        self._lock = asyncio.Lock()  # one SMTP transaction at a time on the connection
         self._tls: ssl.SSLContext | None = None
         if settings.smtp_security != "none":
             try:
@@ -442,6 +443,10 @@ class SmtpSender:
     async def send(self, sender: str, recipient: str, data: bytes) -> None:
         """Send one message. Raises PermanentError (5xx), TransientError (4xx, no
         connection, dropped before the data) or :class:`SmtpAmbiguousError`."""
+        async with self._lock:
+            await self._send(sender, recipient, data)
+
+    async def _send(self, sender: str, recipient: str, data: bytes) -> None:
         for attempt in (1, 2):
             smtp = await self._connection()
             try:
