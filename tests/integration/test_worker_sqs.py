@@ -5,7 +5,6 @@ attributes, in batches; an entry SQS refuses is re-sent alone, the others once."
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import subprocess
 import sys
