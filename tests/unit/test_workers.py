@@ -196,3 +196,21 @@ def test_cli_refuses_secrets_in_the_config_file(tmp_path: Path) -> None:
                                       "--templates", str(tmp_path)])
     assert result.exit_code == 2
     assert "sender" in result.output
+
+
+def test_cli_sqs_without_region_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from proca_sync.cli import app
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    result = CliRunner().invoke(app, [
+        "worker", "sqs", "--org", "5", "--queue-url", "https://sqs.example/1/q",
+        "--parked", f"sqlite:///{tmp_path / 'parked.db'}",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "no AWS region" in result.output
