@@ -8,7 +8,9 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ class Receiver:
 
     plans: dict[int, list[Any]]
     requests: list[tuple[int, bytes, dict[str, str]]] = field(default_factory=list)
+    times: dict[int, list[float]] = field(default_factory=dict)
     accepted: list[bytes] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -57,13 +60,14 @@ class Receiver:
         doc = __import__("orjson").loads(body)
         key = int(doc.get("actionId") or 0)
         self.requests.append((key, body, dict(request.headers)))
+        self.times.setdefault(key, []).append(time.monotonic())
         plan = self.plans.get(key, [])
         step = plan.pop(0) if plan else 200
         if step == "sleep":
             await asyncio.sleep(1.0)  # sleep-ok: longer than the worker's timeout
             return web.Response(status=200)
         if step == 429:
-            return web.Response(status=429, headers={"Retry-After": "0.2"})
+            return web.Response(status=429, headers={"Retry-After": "1"})
         if 200 <= step < 300:
             self.accepted.append(body)
         return web.Response(status=step)
@@ -137,6 +141,8 @@ async def test_statuses_signature_retries(
     assert all(len(v) == 1 for v in ids.values())         # one delivery id per message
     tries = {k: sum(1 for kk, _b, _h in state.requests if kk == k) for k in range(1, 10)}
     assert tries == {1: 1, 2: 1, 3: 1, 4: 1, 5: 3, 6: 3, 7: 2, 8: 1, 9: 7}
+    gaps = [b - a for a, b in itertools.pairwise(state.times[6])]
+    assert min(gaps) >= 0.95                               # Retry-After: 1 was honoured
     labels = runner.stats.labels
     assert labels["sent:200"] >= 5 and labels["sent:201"] == 1
     assert labels["sent:202"] == 1 and labels["sent:204"] == 1
