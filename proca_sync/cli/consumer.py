@@ -51,6 +51,7 @@ from proca_sync.consumer.browse import dump, peek, queue_status
 from proca_sync.consumer.intake import BrokerUnavailableError, IntakeError
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.runner import ExitStatus, serve
+from proca_sync.consumer.supervisor import Supervisor, parse_workers
 from proca_sync.crm import backend_from_url
 from proca_sync.crypto import Keystore
 from proca_sync.errors import ConfigError
@@ -147,6 +148,14 @@ def run_consumer(
         float, typer.Option(min=0.1, help="Seconds to let in-flight batches finish on shutdown.")
     ] = DEFAULT_SHUTDOWN_TIMEOUT,
     log_level: Annotated[str, typer.Option(envvar="PROCA_LOG_LEVEL", help="Log level.")] = "INFO",
+    workers: Annotated[
+        str,
+        typer.Option(
+            envvar="PROCA_WORKERS",
+            help="Consumer processes on the queue under one supervisor (a number, or auto: "
+            "one per core). Above 1 needs an order-independent CRM (SQL or null:).",
+        ),
+    ] = "1",
 ) -> None:
     """Consume a Proca queue into the CRM until stopped (SIGTERM/SIGINT: graceful; twice: now).
 
@@ -177,6 +186,18 @@ def run_consumer(
         shutdown_timeout=shutdown_timeout,
     )
     try:
+        processes = parse_workers(workers)
+    except ValueError as exc:
+        raise die(str(exc), ExitStatus.CONFIG) from None
+    if processes > 1 and crm.split(":", 1)[0].lower() in {"http", "https"}:
+        # Competing consumers do not keep one contact's messages on one process, and
+        # the webhook applies them in the order they arrive.
+        raise die(
+            "--workers above 1 needs the SQL or null: CRM: the webhook CRM must receive a "
+            "contact's messages in order, which only one worker guarantees",
+            ExitStatus.CONFIG,
+        )
+    try:
         settings.ssl_context()
         keystore = Keystore.load(keys) if keys is not None else None
         backend = backend_from_url(crm)
@@ -190,16 +211,26 @@ def run_consumer(
         console = err
         handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
         logging.getLogger("proca_sync").handlers[:] = [handler]
-    try:
-        status, stats = asyncio.run(
-            serve(settings, backend=backend, parking=parking, keystore=keystore, console=console)
-        )
-    except (IntakeError, ConfigError) as exc:
-        raise die(str(exc), ExitStatus.CONFIG) from None
-    except BrokerUnavailableError as exc:
-        raise die(str(exc), ExitStatus.FAILED) from None
-    if console is not None:
+    if processes > 1:
+        supervisor = Supervisor(
+            settings, workers=processes, keys=keys, log_level=log_level.upper(),
+            setup_logging=configure_logging, log_each=console is None,
+        )  # fmt: skip
+        code, all_stats = asyncio.run(supervisor.run(console=console))
+        totals = all_stats.totals()
+        status = ExitStatus(code)
+    else:
+        try:
+            status, stats = asyncio.run(
+                serve(settings, backend=backend, parking=parking, keystore=keystore,
+                      console=console)
+            )  # fmt: skip
+        except (IntakeError, ConfigError) as exc:
+            raise die(str(exc), ExitStatus.CONFIG) from None
+        except BrokerUnavailableError as exc:
+            raise die(str(exc), ExitStatus.FAILED) from None
         totals = stats.totals()
+    if console is not None:
         table = Table(title="proca-sync run", show_header=True)
         table.add_column("outcome")
         table.add_column("messages", justify="right")
