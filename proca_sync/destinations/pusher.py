@@ -29,7 +29,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,7 +40,14 @@ from proca_sync.destinations.base import Batch, Destination, DestinationRejected
 from proca_sync.destinations.state import LeaseLostError, LedgerState, Plan, Status
 from proca_sync.errors import ConfigError, PermanentError, ProcaSyncError, TransientError
 
-__all__ = ["DEFAULT_LEASE_TTL", "PushResult", "Pusher", "PusherStats"]
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "PushResult",
+    "Pusher",
+    "PusherCollector",
+    "PusherStats",
+    "alongside",
+]
 
 log = logging.getLogger("proca_sync.destinations")
 
@@ -374,3 +381,85 @@ def _keys(batch: Batch) -> list[ItemKey]:
         + [a.key for a in batch.actions]
         + [e.key for e in batch.erasures]
     )
+
+
+async def alongside(main: Awaitable[T], pushers: Sequence[Pusher]) -> T:
+    """Run ``main`` (the consumer) with every pusher following the change log, woken by
+    each commit; stop the pushers when ``main`` ends. A pusher whose configuration is
+    refused stops (logged); the consumer goes on acking into the ledger regardless."""
+
+    async def follow(pusher: Pusher) -> None:
+        try:
+            await pusher.run(follow=True)
+        except ConfigError as exc:
+            log.error(
+                "destination %s: configuration refused (%s); not pushing", pusher.name, exc,
+                extra={"fields": {"event": "destination_config", "destination": pusher.name}},
+            )
+
+    tasks = [asyncio.create_task(follow(p), name=f"push-{p.name}") for p in pushers]
+    try:
+        return await main
+    finally:
+        for pusher in pushers:
+            pusher.request_stop()
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for pusher in pushers:
+            pusher.close()
+
+
+class PusherCollector:
+    """Prometheus metrics of the pushers (register it on the consumer's registry)."""
+
+    def __init__(self, pushers: Sequence[Pusher]) -> None:
+        self.pushers = list(pushers)
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        items = CounterMetricFamily(
+            "proca_sync_destination_items", "Items written to a destination",
+            labels=["destination", "kind"],
+        )
+        requests = CounterMetricFamily(
+            "proca_sync_destination_requests", "Requests made to a destination",
+            labels=["destination"],
+        )
+        parked = CounterMetricFamily(
+            "proca_sync_destination_parked", "Items parked for a destination this run",
+            labels=["destination"],
+        )
+        failures = CounterMetricFamily(
+            "proca_sync_destination_transient_failures", "Transient push failures",
+            labels=["destination"],
+        )
+        pending = GaugeMetricFamily(
+            "proca_sync_destination_pending_changes", "Changes after the cursor",
+            labels=["destination"],
+        )
+        breaker = GaugeMetricFamily(
+            "proca_sync_destination_breaker_open", "1 while the circuit breaker is not closed",
+            labels=["destination"],
+        )
+        last = GaugeMetricFamily(
+            "proca_sync_destination_last_success_seconds", "Unix time of the last success",
+            labels=["destination"],
+        )
+        for pusher in self.pushers:
+            name, stats = pusher.name, pusher.stats
+            for kind in ("contacts", "actions", "erasures"):
+                items.add_metric([name, kind], getattr(stats, kind))
+            requests.add_metric([name], stats.requests)
+            parked.add_metric([name], stats.parked)
+            failures.add_metric([name], stats.transient_failures)
+            pending.add_metric([name], stats.pending)
+            breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
+            last.add_metric([name], stats.last_success or 0)
+        yield from (items, requests, parked, failures, pending, breaker, last)

@@ -576,7 +576,8 @@ def registered(backend: SqlBackend) -> list[str]:
     """The names of the destinations the ledger keeps state for."""
     try:
         with backend.engine.connect() as conn:
-            return [str(n) for n in conn.execute(select(destinations.c.name).order_by("name"))]
+            query = select(destinations.c.name).order_by(destinations.c.name)
+            return [str(n) for n in conn.execute(query).scalars()]
     except sa_exc.SQLAlchemyError as exc:
         raise _translate(exc) from None
 

@@ -91,6 +91,10 @@ class SqlBackend:
 
     # ---- lifecycle --------------------------------------------------------------------
 
+    def attach_erasure_key(self, key: bytes) -> None:
+        """The key of the tombstones' hashes (see :mod:`proca_sync.crm.sql.changelog`)."""
+        self.tombstones = TombstoneCheck(key)
+
     async def open(self) -> None:
         await self._run(self.open_sync)
         if self.has_tombstones and self.tombstones is None:
