@@ -619,6 +619,7 @@ async def serve(
     parking: ParkingStore,
     keystore: Keystore | None = None,
     console: Console | None = None,
+    collectors: Sequence[Any] = (),
 ) -> tuple[ExitStatus, Stats]:
     """Run a :class:`Consumer` as a service: signals, ``/healthz``, the status line.
 
@@ -630,6 +631,8 @@ async def serve(
     consumer = Consumer(
         settings, backend=backend, parking=parking, keystore=keystore, log_each=console is None
     )
+    for collector in collectors:  # more metrics on /metrics (the destinations')
+        consumer.stats.registry.register(collector)
     loop = asyncio.get_running_loop()
     signals = 0
 

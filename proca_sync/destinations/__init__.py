@@ -22,6 +22,8 @@ __all__ = ["TYPES", "destination_from_config"]
 
 TYPES: dict[str, str] = {
     # type key → "module:Class"; each connector adds its line.
+    "csv": "proca_sync.destinations.files:CsvDestination",
+    "jsonl": "proca_sync.destinations.files:JsonlDestination",
 }
 
 
