@@ -9,33 +9,40 @@ PROCA_PASSWORD (or an --env-file), never from argv, and are never printed.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from proca_sync.cli.common import (
     CaFileOption,
+    CrmOption,
     EnvFileOption,
     KeysOption,
+    LogLevel,
+    LogLevelOption,
     ModeOption,
     ParkedOption,
     QueueOption,
     SkipTestingOption,
     UrlOption,
+    WebhookHeadersFileOption,
+    WebhookSecretFileOption,
+    WebhookTimeoutOption,
     app,
     configure_logging,
     consumer_settings,
+    crm_backend,
     die,
     err,
+    message_progress,
     on_broker,
     out,
     quiet_amqp_logs,
+    warn_if_readable,
 )
 from proca_sync.config import (
     DEFAULT_BATCH_SIZE,
@@ -51,7 +58,6 @@ from proca_sync.consumer.browse import dump, peek, queue_status
 from proca_sync.consumer.intake import BrokerUnavailableError, IntakeError
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.runner import ExitStatus, serve
-from proca_sync.crm import backend_from_url
 from proca_sync.crypto import Keystore
 from proca_sync.errors import ConfigError
 from proca_sync.sync.records import Mode
@@ -65,14 +71,7 @@ def run_consumer(
     queue: QueueOption,
     env_file: EnvFileOption = None,
     url: UrlOption = None,
-    crm: Annotated[
-        str,
-        typer.Option(
-            "--crm",
-            envvar="PROCA_CRM",
-            help="CRM URL: sqlite:///…, postgresql://…, http(s)://… (webhook), null:.",
-        ),
-    ] = DEFAULT_CRM_URL,
+    crm: CrmOption = DEFAULT_CRM_URL,
     keys: KeysOption = None,
     mode: ModeOption = Mode.ALL,
     skip_testing: SkipTestingOption = False,
@@ -146,14 +145,17 @@ def run_consumer(
     shutdown_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds to let in-flight batches finish on shutdown.")
     ] = DEFAULT_SHUTDOWN_TIMEOUT,
-    log_level: Annotated[str, typer.Option(envvar="PROCA_LOG_LEVEL", help="Log level.")] = "INFO",
+    log_level: LogLevelOption = LogLevel.INFO,
+    webhook_secret_file: WebhookSecretFileOption = None,
+    webhook_headers_file: WebhookHeadersFileOption = None,
+    webhook_timeout: WebhookTimeoutOption = None,
 ) -> None:
     """Consume a Proca queue into the CRM until stopped (SIGTERM/SIGINT: graceful; twice: now).
 
     Acks only after the CRM committed; parks messages that cannot succeed (see `parked`);
     retries transient CRM failures; pauses while the CRM is down (circuit breaker).
     """
-    configure_logging(log_level.upper())
+    console = configure_logging(log_level)
     quiet_amqp_logs(log_level)
     settings = consumer_settings(
         url=url,
@@ -176,20 +178,22 @@ def run_consumer(
         max_messages=max_messages,
         shutdown_timeout=shutdown_timeout,
     )
+    # Checked before connecting (no I/O, nothing created): a mistyped CRM or parking
+    # location, key store or TLS file is a configuration error (exit 2), not an outage.
+    backend = crm_backend(
+        crm,
+        secret_file=webhook_secret_file,
+        headers_file=webhook_headers_file,
+        timeout=webhook_timeout,
+    )
     try:
         settings.ssl_context()
         keystore = Keystore.load(keys) if keys is not None else None
-        backend = backend_from_url(crm)
         parking = ParkingStore(parked)
     except ConfigError as exc:
         raise die(str(exc), ExitStatus.CONFIG) from None
-    console: Console | None = None
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        console = err
-        handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
-        logging.getLogger("proca_sync").handlers[:] = [handler]
+    if keys is not None:
+        warn_if_readable(keys)
     try:
         status, stats = asyncio.run(
             serve(settings, backend=backend, parking=parking, keystore=keystore, console=console)
@@ -312,7 +316,21 @@ def dump_command(
     Each chunk is fsync'd before it is acked: a message is never only in memory.
     """
     settings = consumer_settings(url=url, queue=queue, ca_file=ca_file)
-    report = on_broker(settings, lambda connection: dump(connection, queue, out_dir, count=count))
+    console = err if err.is_terminal else None
+    if console is None:
+        report = on_broker(
+            settings, lambda connection: dump(connection, queue, out_dir, count=count)
+        )
+    else:
+        with message_progress(console, total_known=count is not None) as progress:
+            task = progress.add_task(f"dump {queue}", total=count)
+            report = on_broker(
+                settings,
+                lambda connection: dump(
+                    connection, queue, out_dir, count=count,
+                    on_chunk=lambda n: progress.advance(task, n),
+                ),
+            )
     out.print(
         f"moved {report.messages} message(s) from {queue} "
         f"into {len(report.files)} file(s) in {out_dir}"

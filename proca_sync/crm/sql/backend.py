@@ -45,7 +45,7 @@ from proca_sync.crm.sql.schema import (
     meta_table,
     metadata,
 )
-from proca_sync.crm.sql.store import _translate, create_store_engine
+from proca_sync.crm.sql.store import _translate, create_store_engine, missing_database
 from proca_sync.crm.sql.writer import _BatchWriter, _export_action, _RecordWriter, _Statements
 from proca_sync.errors import (
     BackendRejectedError,
@@ -86,7 +86,12 @@ class SqlBackend:
         await self._run(self.open_sync)
 
     def open_sync(self) -> None:
-        """Create the schema on first use and check its version."""
+        """Create the schema on first use and check its version.
+
+        Raises :class:`ConfigError` when the PostgreSQL database does not exist or the
+        schema is newer than this code; :class:`BackendUnavailableError` when the
+        database is down or locked (transient).
+        """
         if self._ready:
             return
         try:
@@ -105,7 +110,8 @@ class SqlBackend:
                         f"({SCHEMA_VERSION}); upgrade proca-sync"
                     )
         except sa_exc.SQLAlchemyError as exc:
-            raise _translate(exc) from None
+            # A database that does not exist is a typo, not an outage: refuse to start.
+            raise (missing_database(exc, what="CRM") or _translate(exc)) from None
         self._ready = True
 
     async def close(self) -> None:
