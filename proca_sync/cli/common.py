@@ -375,8 +375,9 @@ def crm_backend(
 T = TypeVar("T")
 
 
-def _load_env_file(value: Path | None) -> Path | None:
-    """Eager: load the dotenv file before the other options read their variables."""
+def load_env_file(value: Path | None) -> Path | None:
+    """Eager ``--env-file`` callback: load the dotenv file before the other options read
+    their variables (variables already set win)."""
     if value is not None:
         if not value.is_file():
             raise typer.BadParameter(f"{value}: no such file")
@@ -392,7 +393,7 @@ EnvFileOption = Annotated[
         "--env-file",
         envvar="PROCA_ENV_FILE",
         is_eager=True,
-        callback=_load_env_file,
+        callback=load_env_file,
         help="Load PROCA_* variables from this dotenv file first (set variables win).",
     ),
 ]
