@@ -273,6 +273,7 @@ def open_crm(url: str, *, read_only: bool = False) -> SqlBackend:
     if read_only:
         require_existing_store(url, what="CRM", option="--crm")
     try:
+        check_store_url(url, what="CRM")
         backend = SqlBackend(url)
         backend.open_sync()
     except ConfigError as exc:
@@ -353,6 +354,8 @@ def crm_backend(
         if not url.lower().startswith(("http://", "https://")):
             if secret_file or headers_file or timeout is not None:
                 raise ConfigError("--webhook-* options apply to an http(s):// CRM only")
+            if not url.lower().startswith("null:"):
+                check_store_url(url, what="CRM")  # at start: a typo is not an outage
             return backend_from_url(url)
         secret = os.environ.get("PROCA_WEBHOOK_SECRET") or None
         if secret_file is not None:

@@ -58,6 +58,7 @@ from proca_sync.consumer.browse import dump, peek, queue_status
 from proca_sync.consumer.intake import BrokerUnavailableError, IntakeError
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.runner import ExitStatus, serve
+from proca_sync.crm.sql import check_store_url
 from proca_sync.crypto import Keystore
 from proca_sync.errors import ConfigError
 from proca_sync.sync.records import Mode
@@ -189,6 +190,7 @@ def run_consumer(
     try:
         settings.ssl_context()
         keystore = Keystore.load(keys) if keys is not None else None
+        check_store_url(parked, what="parking store")
         parking = ParkingStore(parked)
     except ConfigError as exc:
         raise die(str(exc), ExitStatus.CONFIG) from None

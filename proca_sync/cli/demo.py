@@ -28,7 +28,7 @@ from proca_sync.config import (
 )
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.runner import ExitStatus, serve
-from proca_sync.crm.sql import SqlBackend
+from proca_sync.crm.sql import SqlBackend, check_store_url
 from proca_sync.crypto import Keystore
 from proca_sync.errors import ConfigError
 
@@ -80,6 +80,7 @@ def demo(
             ExitStatus.FAILED,
         ) from None
     try:
+        check_store_url(crm, what="demo CRM")
         key = prepare_files(plan)
     except ConfigError as exc:
         raise die(str(exc), ExitStatus.CONFIG) from None

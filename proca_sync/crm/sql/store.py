@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,7 +58,8 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def check_store_url(url: str, *, what: str) -> None:
-    """Refuse a mistyped store location before anything is opened or created.
+    """Refuse a mistyped store location before anything is opened or created (the CLI
+    calls it at start; engines do not, as a folder that vanishes later is an outage).
 
     Raises :class:`ConfigError` naming the problem and showing the right form: a bare
     path or another non-URL (``crm.db``), a SQLite file whose folder does not exist or
@@ -98,7 +100,6 @@ def create_store_engine(
     before use. Statement parameters never appear in errors or logs. Raises
     :class:`ConfigError` for an unusable URL or a missing driver.
     """
-    check_store_url(url, what=what)
     url = normalise_url(url)
     try:
         parsed = make_url(url)
@@ -137,8 +138,10 @@ def create_store_engine(
 
             def create_private(*_args: Any) -> None:
                 # SQLite would create the file with the umask's mode (often 0644); it
-                # gives its -wal and -shm files the mode of the database file.
-                create_private_file(private)
+                # gives its -wal and -shm files the mode of the database file. A missing
+                # folder is left to SQLite: its error is translated (an outage).
+                with contextlib.suppress(OSError):
+                    create_private_file(private)
 
             event.listen(engine, "do_connect", create_private)
     return engine, dialect
