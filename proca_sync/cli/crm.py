@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich import box
 from rich.table import Table
 
 from proca_sync.cli.common import (
@@ -129,22 +130,22 @@ def crm_contacts(
     title = f"contacts ({len(chosen)} of {len(data['contacts'])})" if (
         search or subscribed is not None
     ) else f"contacts ({len(chosen)})"
-    table = Table(title=title)
-    # An e-mail is what a person copies from here: fold it over lines, never cut it.
-    table.add_column("email", overflow="fold", min_width=12, ratio=3)
-    table.add_column("name", overflow="fold", ratio=2)
-    table.add_column("country", no_wrap=True)
-    table.add_column("postcode", overflow="fold")
-    table.add_column("subscribed", no_wrap=True)
+    # Fits 80 columns: light borders, and every column may fold (a value goes on over
+    # lines, never cut: an e-mail is what a person copies from here). Postcodes are in
+    # `crm show` and the json/csv formats.
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("email", overflow="fold")
+    table.add_column("name", overflow="fold")
+    table.add_column("country", overflow="fold")
+    table.add_column("sub", overflow="fold")
     table.add_column("status", overflow="fold")
-    table.add_column("actions", justify="right", no_wrap=True)
+    table.add_column("actions", overflow="fold", justify="right")
     for contact in shown:
         name = " ".join(p for p in (contact["firstName"], contact["lastName"]) if p)
         table.add_row(
             contact["email"] or "-",
             name or "-",
             contact["country"] or "-",
-            contact["postcode"] or "-",
             "yes" if contact["subscribed"] else "no",
             contact["emailStatus"] or "-",
             str(len(contact["actions"])),

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import orjson
 import typer
+from rich import box
 from rich.table import Table
 
 from proca_sync.cli.common import (
@@ -94,23 +95,26 @@ def parked_list(
             }
             sys.stdout.write(orjson.dumps(entry).decode() + "\n")
         return
-    table = Table(title=f"parked messages ({total})")
-    # Queue and reason are what an operator copies into the next command: fold, never cut.
-    for column in ("id", "parked at", "queue", "reason", "attempts", "actionId", "kind"):
-        if column in {"queue", "reason", "parked at"}:
-            table.add_column(column, overflow="fold")
-        else:
-            table.add_column(column, no_wrap=column in {"id", "attempts"})
+    # Fits 80 columns: light borders; queue and reason are what an operator copies into
+    # the next command, so they fold over lines, never cut.
+    table = Table(
+        title=f"parked messages ({total})",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    # Full time and kind: `parked show` and --json.
+    for column in ("id", "parked", "queue", "reason", "tries", "actionId"):
+        table.add_column(column, overflow="fold", justify="right" if column == "id" else "left")
     for row in rows:
         summary = summarize(row.body)
         table.add_row(
             str(row.id),
-            row.parked_at,
+            row.parked_at[5:16].replace("T", " "),
             row.queue,
             row.reason,
             str(row.attempts),
             "-" if summary.action_id is None else str(summary.action_id),
-            summary.kind or "-",
         )
     out.print(table)
 

@@ -399,3 +399,36 @@ def test_webhook_secret_file_and_a_bad_headers_file(tmp_path: Path) -> None:
         )  # fmt: skip
     assert bad.exit_code == 2
     assert "line 1" in bad.output and "missing-colon" not in bad.output
+
+
+# ---- 7. tables fit 80 columns; contacts can be searched and exported ----------------------
+
+
+def test_contacts_fit_80_columns_and_filter(tmp_path: Path) -> None:
+    import csv
+    import io
+    import json
+
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    files = [str(p) for p in sorted(FIXTURES.glob("*.json"))]
+    assert invoke("replay", *files, "--crm", crm).exit_code in (0, 1)
+    contacts = json.loads(invoke("crm", "contacts", "--crm", crm, "--format", "json").output)
+    assert contacts
+    table = CliRunner().invoke(app, ["crm", "contacts", "--crm", crm], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    assert max(len(line) for line in table.output.splitlines()) <= 80
+    for contact in contacts:
+        assert contact["email"] in table.output  # whole, on one line: never cut
+    subscribed = [c for c in contacts if c["subscribed"]]
+    only = json.loads(
+        invoke("crm", "contacts", "--crm", crm, "--subscribed", "--format", "json").output
+    )
+    assert [c["email"] for c in only] == [c["email"] for c in subscribed]
+    unsub = invoke("crm", "contacts", "--crm", crm, "--unsubscribed", "--format", "csv").output
+    rows = list(csv.DictReader(io.StringIO(unsub)))
+    assert len(rows) == len(contacts) - len(subscribed)
+    wanted = contacts[0]["email"]
+    found = json.loads(
+        invoke("crm", "contacts", "--crm", crm, "--search", wanted.upper(), "--format", "json").output
+    )
+    assert [c["email"] for c in found] == [wanted]
