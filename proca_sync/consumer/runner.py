@@ -151,13 +151,13 @@ class Consumer:
         # The broker first: a wrong URL, queue or password creates no file.
         await self.intake.open()
         try:
-            await self.parking.open()
             try:
-                await self.engine.backend.open()
+                await self.engine.backend.open()  # a CRM that does not exist: ConfigError
             except TransientError as exc:
                 # Not fatal: the first batches fail and the breaker waits for the CRM.
                 log.warning("CRM not available at start: %s", exc,
                             extra={"fields": {"event": "crm_unavailable", "error": str(exc)}})
+            await self.parking.open()
         except BaseException:
             await self._close_stores()
             with contextlib.suppress(Exception):

@@ -432,3 +432,25 @@ def test_contacts_fit_80_columns_and_filter(tmp_path: Path) -> None:
         invoke("crm", "contacts", "--crm", crm, "--search", wanted.upper(), "--format", "json").output
     )
     assert [c["email"] for c in found] == [wanted]
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+async def test_run_with_a_missing_postgres_database_exits_2_creating_nothing(
+    consumer_org: object, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from tests.integration.conftest import ConsumerOrg, split_credentials
+
+    require_service("PostgreSQL", PG_HOST, PG_PORT)
+    assert isinstance(consumer_org, ConsumerOrg)
+    url, credentials = split_credentials(consumer_org.url)
+    result = await asyncio.to_thread(
+        cli_env, credentials, "run", "--url", url, "--queue", consumer_org.queue,
+        "--crm", f"postgresql://postgres@{PG_HOST}:{PG_PORT}/no_such_db_i10",
+        "--parked", f"sqlite:///{tmp_path / 'parked.db'}",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr  # type: ignore[attr-defined]
+    assert "does not exist" in result.stderr  # type: ignore[attr-defined]
+    assert await asyncio.to_thread(os.listdir, tmp_path) == []
