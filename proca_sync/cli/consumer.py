@@ -305,7 +305,10 @@ def peek_command(
 @app.command("dump")
 def dump_command(
     queue: QueueOption,
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the .jsonl/.json files.")],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="Directory for the .jsonl/.json files (created 0600)."),
+    ],
     env_file: EnvFileOption = None,
     url: UrlOption = None,
     ca_file: CaFileOption = None,
