@@ -1,12 +1,14 @@
 """The delivery workers: ``proca-sync worker email|webhook|sqs --org N``.
 
 Each reads the org's ``wrk.N.*`` queue (or ``--queue``) until stopped. Per-org settings
-come from the ``[worker.email]`` / ``[worker.webhook]`` / ``[worker.sqs]`` section of a
-TOML file (``--config``), overridden by options and their ``PROCA_*`` variables. Secrets
-only from the environment or files: ``PROCA_SMTP_PASSWORD``, ``PROCA_WEBHOOK_PASSWORD``,
-``PROCA_WEBHOOK_SECRET`` (or the ``*_file`` settings); AWS credentials from boto3's chain.
-See docs/workers.md. Exit codes as ``run``: 0 stopped, 1 broker unreachable, 2
-configuration, 130 a second signal.
+come from the ``[worker.email]`` / ``[worker.webhook]`` / ``[worker.sqs]`` table of the
+TOML file (``--config``, ``PROCA_SYNC_CONFIG``, else ``./proca-sync.toml`` when present:
+the file ``run`` reads, which ignores these tables), overridden by options and their
+``PROCA_*`` variables. Secrets only from the environment or files:
+``PROCA_SMTP_PASSWORD``, ``PROCA_WEBHOOK_PASSWORD``, ``PROCA_WEBHOOK_SECRET`` (or the
+``*_file`` settings); AWS credentials from boto3's chain. See docs/workers.md.
+Exit codes as ``run``: 0 stopped, 1 broker unreachable, 2 configuration, 130 a second
+signal.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from proca_sync.cli.common import (
     quiet_amqp_logs,
 )
 from proca_sync.config import DEFAULT_MAX_RETRIES, DEFAULT_PARKED_URL, DEFAULT_SHUTDOWN_TIMEOUT
+from proca_sync.config_file import CONFIG_ENV, find_config
 from proca_sync.consumer.intake import BrokerUnavailableError, IntakeError
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.runner import ExitStatus
@@ -51,7 +54,9 @@ QueueOverride = Annotated[
 ]
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", envvar="PROCA_CONFIG", help="TOML file with [worker.*] sections."),
+    typer.Option("--config", envvar=CONFIG_ENV,
+                 help="TOML file with [worker.*] tables (default ./proca-sync.toml when "
+                 "present; the same file as run's)."),
 ]
 ConcurrencyOption = Annotated[
     int, typer.Option(envvar="PROCA_CONCURRENCY", min=1, help="Batches in flight at once.")
@@ -77,6 +82,7 @@ LogLevelOption = Annotated[str, typer.Option(envvar="PROCA_LOG_LEVEL", help="Log
 
 
 def _section(config: Path | None, name: str) -> dict[str, Any]:
+    config = find_config(config)
     if config is None:
         return {}
     try:

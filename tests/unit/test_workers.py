@@ -214,3 +214,32 @@ def test_cli_sqs_without_region_is_a_configuration_error(
     ])
     assert result.exit_code == 2, result.output
     assert "no AWS region" in result.output
+
+
+def test_one_config_file_for_run_and_the_workers(tmp_path: Path) -> None:
+    from proca_sync.config_file import load_config
+    from proca_sync.errors import ConfigError
+
+    path = tmp_path / "proca-sync.toml"
+    path.write_text('queue = "cus.5.deliver"\n[worker.email]\nsender = "a@example.org"\n')
+    loaded = load_config(path)
+    assert loaded.options == {"queue": "cus.5.deliver"}   # run ignores [worker.*]
+    path.write_text('worker = "no"\n')
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+def test_worker_reads_its_table_from_the_shared_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from proca_sync.cli import app
+
+    path = tmp_path / "proca-sync.toml"
+    path.write_text('queue = "cus.5.deliver"\n[worker.email]\nsender = "bad address"\n')
+    monkeypatch.setenv("PROCA_SYNC_CONFIG", str(path))
+    result = CliRunner().invoke(app, ["worker", "email", "--org", "5",
+                                      "--templates", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "sender" in result.output      # the value came from the shared file's table
