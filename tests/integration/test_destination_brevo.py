@@ -49,7 +49,10 @@ async def push(destination: BrevoDestination, batch: Batch) -> Any:
 async def test_upsert_lists_blocklist_and_quiet_contacts(
     emu: BrevoEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    options = {"campaign_lists": {"save-bees": 7}, "attributes": {"first_name": "FIRSTNAME", "postcode": "ZIP", "fields.phone": "NOT_DEFINED"}}
+    options = {
+        "campaign_lists": {"save-bees": 7},
+        "attributes": {"first_name": "FIRSTNAME", "postcode": "ZIP", "fields.phone": "NOT_DEFINED"},
+    }
     first = Batch(contacts=[contact(1, ADA), contact(2, BOB), contact(3, CY)])
     assert (await push(make(emu, monkeypatch, **options), first)).failed == {}
     second = Batch(
@@ -76,11 +79,16 @@ async def test_upsert_lists_blocklist_and_quiet_contacts(
 async def test_a_plain_opt_in_never_lifts_the_blocklist_a_newer_doi_does(
     emu: BrevoEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await push(make(emu, monkeypatch), Batch(contacts=[contact(1, ADA, subscribed=False, email_status="spam")]))
+    await push(
+        make(emu, monkeypatch),
+        Batch(contacts=[contact(1, ADA, subscribed=False, email_status="spam")]),
+    )
     assert emu.state()[ADA]["blocklisted"] is True
     await push(make(emu, monkeypatch), Batch(contacts=[contact(1, ADA)]))
     assert emu.state()[ADA]["blocklisted"] is True
-    await push(make(emu, monkeypatch), Batch(contacts=[contact(1, ADA, email_status="double_opt_in")]))
+    await push(
+        make(emu, monkeypatch), Batch(contacts=[contact(1, ADA, email_status="double_opt_in")])
+    )
     assert emu.state()[ADA]["blocklisted"] is False
     assert emu.state()[ADA]["lists"] == [2]
 

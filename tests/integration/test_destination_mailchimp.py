@@ -98,7 +98,10 @@ async def test_unsubscribed_member_is_never_silently_resubscribed(
     emu: MailchimpEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     unsub = contact(1, ADA, subscribed=False, email_status="unsub")
-    await push(make(emu, monkeypatch), Batch(contacts=[unsub, contact(2, BOB, subscribed=False, email_status="unsub")]))
+    await push(
+        make(emu, monkeypatch),
+        Batch(contacts=[unsub, contact(2, BOB, subscribed=False, email_status="unsub")]),
+    )
     assert emu.members[subscriber_hash(ADA)]["status"] == "unsubscribed"
     # A plain opt-in does not override the unsubscription: refused with Mailchimp's reason.
     report = await push(make(emu, monkeypatch), Batch(contacts=[contact(1, ADA)]))
@@ -178,7 +181,9 @@ async def test_erasure_forgets_and_a_later_add_is_refused_with_mailchimps_reason
     )
     assert report.failed == {}
     assert ADA not in emu.state()
-    again = await push(make(emu, monkeypatch), Batch(erasures=[Erasure(tombstone_id=5, email=ADA, refs=())]))
+    again = await push(
+        make(emu, monkeypatch), Batch(erasures=[Erasure(tombstone_id=5, email=ADA, refs=())])
+    )
     assert again.failed == {}  # already gone: nothing to do
     report = await push(make(emu, monkeypatch), Batch(contacts=[contact(1, ADA)]))
     error = report.failed[("contact", "1")]
@@ -195,7 +200,9 @@ async def test_archive_erasure_lets_a_newer_action_create_the_member_anew(
         Batch(erasures=[Erasure(tombstone_id=5, email=ADA, refs=())]),
     )
     assert ADA not in emu.state()
-    report = await push(make(emu, monkeypatch, erasure="archive"), Batch(contacts=[contact(9, ADA)]))
+    report = await push(
+        make(emu, monkeypatch, erasure="archive"), Batch(contacts=[contact(9, ADA)])
+    )
     assert report.failed == {}
     assert emu.state()[ADA]["status"] == "subscribed"
 
@@ -209,7 +216,9 @@ def test_base_url_comes_from_the_key_suffix(monkeypatch: pytest.MonkeyPatch) -> 
     assert destination._client.base_url == "https://us6.api.mailchimp.com/3.0"
     monkeypatch.setenv("MC_KEY", "nosuffix")
     with pytest.raises(ConfigError):
-        destination_from_config("mc", {"type": "mailchimp", "list_id": "x", "api_key_env": "MC_KEY"})
+        destination_from_config(
+            "mc", {"type": "mailchimp", "list_id": "x", "api_key_env": "MC_KEY"}
+        )
 
 
 async def test_wrong_key_is_transient_and_unknown_list_is_a_config_error(

@@ -186,9 +186,7 @@ class BrevoEmulator(Emulator):
             return error(
                 400, "invalid_parameter", "Contact already removed from list and/or does not exist"
             )
-        return web.json_response(
-            {"contacts": {"success": success, "failure": failure}}, status=201
-        )
+        return web.json_response({"contacts": {"success": success, "failure": failure}}, status=201)
 
     async def delete_contact(self, request: web.Request) -> web.StreamResponse:
         identifier = unquote(request.match_info["identifier"]).strip().lower()
@@ -228,7 +226,12 @@ class BrevoEmulator(Emulator):
                 continue
             if email.strip().lower() in self.contacts and not update:
                 continue
-            self._apply(email, row.get("attributes") or {}, list_ids, bool(body.get("emailBlacklist")) or None)
+            self._apply(
+                email,
+                row.get("attributes") or {},
+                list_ids,
+                bool(body.get("emailBlacklist")) or None,
+            )
         info = None
         if invalid:
             info = {"import": {"invalid_emails": f"{self.url}/reports/{pid}-invalid.csv"}}

@@ -166,7 +166,9 @@ class MailchimpEmulator(Emulator):
             body.get("status_if_new") or body.get("status")
         ):
             return problem(400, "Invalid Resource", "status_if_new is required.")
-        refused = self._upsert(body, new_status=body.get("status_if_new"), status=body.get("status"))
+        refused = self._upsert(
+            body, new_status=body.get("status_if_new"), status=body.get("status")
+        )
         if refused:
             return problem(400, refused, _detail(refused))
         return web.json_response(self._public(self.members[md5(email)]))
@@ -197,7 +199,11 @@ class MailchimpEmulator(Emulator):
             refused = self._upsert(item, new_status=status, status=status)
             if refused:
                 errors.append(
-                    {"email_address": email, "error": _detail(refused, email), "error_code": "ERROR_GENERIC"}
+                    {
+                        "email_address": email,
+                        "error": _detail(refused, email),
+                        "error_code": "ERROR_GENERIC",
+                    }
                 )
                 continue
             (updated if exists else new).append(self._public(self.members[hashed]))
@@ -235,7 +241,11 @@ class MailchimpEmulator(Emulator):
         if not 2 <= len(name) <= 30:
             return problem(400, "Invalid Resource", "The event name must be 2-30 characters.")
         member["events"].append(
-            {"name": name, "properties": body.get("properties") or {}, "occurred_at": body.get("occurred_at")}
+            {
+                "name": name,
+                "properties": body.get("properties") or {},
+                "occurred_at": body.get("occurred_at"),
+            }
         )
         return web.Response(status=204)
 
@@ -295,7 +305,11 @@ class MailchimpEmulator(Emulator):
             if hashed in segment["members"]:
                 segment["members"].discard(hashed)
                 removed.append(self._public(self.members[hashed]))
-        errors = [{"email_addresses": missing, "error": "Email addresses not on list"}] if missing else []
+        errors = (
+            [{"email_addresses": missing, "error": "Email addresses not on list"}]
+            if missing
+            else []
+        )
         return web.json_response(
             {
                 "members_added": added,
@@ -406,7 +420,9 @@ class MailchimpDriver(Driver):
                 "tags": sorted(f"{prefix}{c}" for c in contact.campaigns)
                 if config.get("tags", True)
                 else [],
-                "events": sorted(a.action_id for a in actions) if config.get("events", True) else [],
+                "events": sorted(a.action_id for a in actions)
+                if config.get("events", True)
+                else [],
             }
         return out
 
