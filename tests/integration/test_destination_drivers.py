@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from proca_sync.crm.sql import SqlBackend
 from proca_sync.destinations import destination_from_config
 from proca_sync.destinations.base import Batch, CampaignView
+from proca_sync.destinations.pusher import Pusher
 from proca_sync.engine import Engine
 from tests.support import scenario
 from tests.support.emulators.base import Driver
@@ -96,5 +98,27 @@ async def test_emulator_state_is_what_the_docs_promise(
         finally:
             await destination.close()
         assert driver.snapshot(emulator) == driver.expected(full, config)
+    finally:
+        await emulator.stop()
+
+
+@pytest.mark.parametrize("driver", [BREVO, MAILCHIMP, CIVICRM], ids=lambda d: d.type)
+async def test_through_the_pusher_then_a_second_push_writes_nothing(
+    driver: Driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'crm.db'}"
+    export = await asyncio.to_thread(replay, url, scenario.bodies())
+    monkeypatch.setenv(driver.key_env, driver.key)
+    emulator = driver.make()
+    await emulator.start()
+    try:
+        config = driver.config(emulator)
+        first = await Pusher(SqlBackend(url), destination_from_config("d", config)).run()
+        assert first.caught_up and first.parked == 0
+        assert driver.snapshot(emulator) == driver.expected(export, config)
+        writes = emulator.writes()
+        second = await Pusher(SqlBackend(url), destination_from_config("d", config)).run()
+        assert second.caught_up and second.parked == 0
+        assert emulator.writes() == writes
     finally:
         await emulator.stop()
