@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import re
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote
@@ -54,6 +56,9 @@ LIST_CALL = 150
 """Addresses per list add/remove call (the API's documented cap)."""
 
 POSITIVE_STATUSES = frozenset({"double_opt_in", "active"})
+
+
+log = logging.getLogger("proca_sync.destinations")
 """Ledger statuses newer than any objection: they lift Brevo's e-mail blocklist."""
 
 _T = TypeVar("_T")
@@ -75,6 +80,13 @@ class BrevoConfig(DestinationConfig):
     blocklist: bool = True
     import_threshold: int = Field(default=100, ge=1)
     poll_interval: float = Field(default=1.0, gt=0)
+    poll_budget: int = Field(
+        default=90,
+        ge=1,
+        le=100,
+        description="Process polls per sliding hour (Brevo allows 100 requests an hour on "
+        "its other endpoints; the rest is left to ping).",
+    )
     events: bool = False
     event_prefix: str = "proca_"
 
@@ -121,8 +133,14 @@ class BrevoDestination:
         self._client = ApiClient(
             **common, limiter=RateLimiter(config.rate or 10.0, config.burst or 10)
         )
-        # Every other endpoint (processes, account): 100 requests an hour.
-        self._slow = ApiClient(**common, limiter=RateLimiter(100 / 3600, 20))
+        # Every other endpoint (processes, account): 100 requests an hour, spent through
+        # the sliding-hour budget below (the bucket only spaces bursts).
+        self._slow = ApiClient(**common, limiter=RateLimiter(2.0, 2))
+        self._polls: deque[float] = deque()
+        self._outstanding: dict[int, list[ContactView]] = {}
+        """Imports queued and not yet seen completed (when the poll budget ran out)."""
+        self.unconfirmed_refusals = 0
+        """Addresses a deferred import skipped: logged and counted, not parked."""
         self._events = ApiClient(**common, limiter=self._client.limiter, attempts=1)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -132,6 +150,13 @@ class BrevoDestination:
             await client.open()
 
     async def close(self) -> None:
+        if self._outstanding:
+            log.info(
+                "destination %s: %d imports still processing at Brevo",
+                self.name,
+                len(self._outstanding),
+                extra={"fields": {"event": "imports_outstanding", "destination": self.name}},
+            )
         for client in (self._client, self._slow, self._events):
             await client.close()
 
@@ -177,6 +202,10 @@ class BrevoDestination:
         report = PushReport()
         start = self._requests()
         contacts = [c for c in batch.contacts if self.config.include_testing or not c.testing]
+        if self._outstanding:
+            touched = {c.email for c in contacts} | {e.email for e in batch.erasures}
+            if any(c.email in touched for cs in self._outstanding.values() for c in cs):
+                await self._confirm_outstanding()  # an older import must not overtake
         groups: dict[tuple[int, ...], list[ContactView]] = defaultdict(list)
         singles: list[ContactView] = []
         removals: dict[int, list[ContactView]] = defaultdict(list)
@@ -256,6 +285,22 @@ class BrevoDestination:
         if not answer.ok:
             report.failed[contact.key] = _rejected(self.name, "POST /contacts", answer)
 
+    def _poll_budget(self) -> int:
+        now = time.monotonic()
+        while self._polls and now - self._polls[0] >= 3600:
+            self._polls.popleft()
+        return self.config.poll_budget - len(self._polls)
+
+    async def _poll(self, path: str, params: dict[str, str] | None = None) -> ApiResponse:
+        if self._poll_budget() <= 0:  # never beyond Brevo's hourly allowance
+            await asyncio.sleep(max(0.0, self._polls[0] + 3600 - time.monotonic()))
+            self._poll_budget()
+        self._polls.append(time.monotonic())
+        answer = await self._slow.request("GET", path, params=params)
+        if not answer.ok:
+            raise BackendUnavailableError(f"{self.name}: GET /processes answered {answer.status}")
+        return answer
+
     async def _import(
         self, lists: list[int], members: Sequence[ContactView], report: PushReport
     ) -> None:
@@ -275,12 +320,13 @@ class BrevoDestination:
         process = int(answer.body["processId"])
         delay = self.config.poll_interval
         while True:
+            if self._poll_budget() < 3:  # keep a few polls to confirm deferred imports
+                # The hour's polls are spent (a large backfill): the import is trusted to
+                # complete, confirmed before any later write to one of its contacts.
+                self._outstanding[process] = list(members)
+                return
             await asyncio.sleep(delay)  # the process runs on Brevo's side
-            answer = await self._slow.request("GET", f"/processes/{process}")
-            if not answer.ok:
-                raise BackendUnavailableError(
-                    f"{self.name}: GET /processes/{{id}} answered {answer.status}"
-                )
+            answer = await self._poll(f"/processes/{process}")
             status = str(answer.body.get("status", ""))
             if status == "completed":
                 break
@@ -293,6 +339,44 @@ class BrevoDestination:
             await self._all(
                 [self._upsert(c, report) for c in members], report, [[c.key] for c in members]
             )
+
+    async def _confirm_outstanding(self) -> None:
+        """Wait until every deferred import completed (one listing covers up to 50)."""
+        delay = self.config.poll_interval
+        while self._outstanding:
+            answer = await self._poll("/processes", {"limit": "50", "offset": "0", "sort": "desc"})
+            listed = {int(p["id"]): p for p in answer.body.get("processes") or []}
+            for process in sorted(self._outstanding):
+                entry = listed.get(process)
+                if entry is None and (not listed or process < min(listed)):
+                    entry = (await self._poll(f"/processes/{process}")).body
+                if entry is None or entry.get("status") != "completed":
+                    continue
+                members = self._outstanding.pop(process)
+                if _reported_problems(entry.get("info")):
+                    late = PushReport()
+                    await self._all(
+                        [self._upsert(c, late) for c in members], late, [[c.key] for c in members]
+                    )
+                    refused = [
+                        k for k, e in late.failed.items() if not isinstance(e, TransientError)
+                    ]
+                    self.unconfirmed_refusals += len(refused)
+                    log.warning(
+                        "destination %s: a deferred import skipped %d records; not parked",
+                        self.name,
+                        len(refused),
+                        extra={
+                            "fields": {
+                                "event": "import_skipped",
+                                "destination": self.name,
+                                "count": len(refused),
+                            }
+                        },
+                    )
+            if self._outstanding:
+                await asyncio.sleep(delay)  # Brevo is still processing
+                delay = min(delay * 2, 30.0)
 
     async def _remove(self, list_id: int, chunk: Sequence[ContactView], report: PushReport) -> None:
         answer = await self._client.request(

@@ -122,6 +122,30 @@ async def test_without_problems_an_import_is_one_call_and_polls(
     assert report.requests <= 4
 
 
+async def test_when_the_poll_budget_is_spent_imports_are_confirmed_before_a_later_write(
+    emu: BrevoEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emu.import_delay = 0.3
+    destination = make(emu, monkeypatch, import_threshold=2, poll_budget=3, poll_interval=0.4)
+    first = [contact(i, f"p{i}@example.org") for i in (1, 2)]
+    second = [contact(i, f"p{i}@example.org") for i in (3, 4)]
+    await destination.open()
+    try:
+        assert (await destination.push(Batch(contacts=first))).failed == {}
+        assert {"p1@example.org", "p2@example.org"} <= set(emu.state())  # waited for it
+        assert (await destination.push(Batch(contacts=second))).failed == {}  # deferred
+        assert "p3@example.org" not in emu.state()
+        # p3 unsubscribes: the deferred import that subscribes p3 must land first.
+        gone = contact(3, "p3@example.org", subscribed=False, email_status="unsub")
+        assert (await destination.push(Batch(contacts=[gone]))).failed == {}
+    finally:
+        await destination.close()
+    state = emu.state()
+    assert state["p3@example.org"]["lists"] == [] and state["p3@example.org"]["blocklisted"]
+    assert state["p4@example.org"]["lists"] == [2]
+    assert sum(1 for h in emu.hits if h.path.startswith("/v3/processes")) == 3
+
+
 async def test_429_waits_for_the_x_sib_reset_and_everything_arrives(
     emu: BrevoEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -105,6 +105,7 @@ class BrevoEmulator(Emulator):
         app.router.add_get("/v3/contacts/lists/{list_id}", self.get_list)
         app.router.add_post("/v3/contacts/lists/{list_id}/contacts/remove", self.remove_from_list)
         app.router.add_delete("/v3/contacts/{identifier}", self.delete_contact)
+        app.router.add_get("/v3/processes", self.list_processes)
         app.router.add_get("/v3/processes/{process_id}", self.get_process)
         app.router.add_post("/v3/events", self.create_event)
 
@@ -246,6 +247,19 @@ class BrevoEmulator(Emulator):
         if process["info"]:
             answer["info"] = process["info"]
         return web.json_response(answer)
+
+    async def list_processes(self, request: web.Request) -> web.StreamResponse:
+        limit = min(50, int(request.query.get("limit", "10")))
+        offset = int(request.query.get("offset", "0"))
+        ids = sorted(self._processes, reverse=request.query.get("sort", "desc") == "desc")
+        rows = []
+        for pid in ids[offset : offset + limit]:
+            process = self._processes[pid]
+            row = {"id": pid, "name": "import_contacts", "status": process["status"]}
+            if process["info"]:
+                row["info"] = process["info"]
+            rows.append(row)
+        return web.json_response({"processes": rows, "count": len(self._processes)})
 
     async def create_event(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
