@@ -66,6 +66,9 @@ class CivicrmConfig(DestinationConfig):
         default_factory=dict, description="Proca action type → CiviCRM activity type name."
     )
     source: str = "proca"
+    timeout: float = Field(
+        default=120.0, gt=0, description="Seconds per request: one request carries a batch."
+    )
 
 
 class CivicrmDestination:
@@ -90,7 +93,7 @@ class CivicrmDestination:
             headers["X-Civi-Key"] = DestinationConfig(
                 type="site-key", api_key_env=config.site_key_env
             ).api_key()
-        self.max_batch = config.batch_size or 100
+        self.max_batch = config.batch_size or 250
         common: dict[str, Any] = {
             "name": name,
             "base_url": config.base_url,

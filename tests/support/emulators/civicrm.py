@@ -46,6 +46,14 @@ class ApiError(Exception):
 
 
 ENTITIES = ("Contact", "Email", "Address", "Group", "GroupContact", "Activity")
+INDEXED = {
+    "Email": ("email", "contact_id"),
+    "Address": ("contact_id",),
+    "GroupContact": ("contact_id",),
+    "Activity": ("source_record_id",),
+    "Group": ("name",),
+}
+"""Fields looked up through an index (the emulator must keep up with a 100k backfill)."""
 
 
 @dataclass
@@ -67,6 +75,8 @@ class CivicrmEmulator(Emulator):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._ids = itertools.count(1)
+        self._index: dict[tuple[str, str], dict[Any, set[int]]] = {}
+        self._indexed: dict[tuple[str, str, int], tuple[Any]] = {}
         self.tables["Group"][900] = {"id": 900, "name": "newsletter", "title": "Newsletter"}
 
     # ---- contract --------------------------------------------------------------------
@@ -173,11 +183,7 @@ class CivicrmEmulator(Emulator):
         if action != "get" and entity in self.forbidden:
             raise ApiError("Authorization failed", status=403)
         if action == "get":
-            rows = [
-                r
-                for r in self.tables[entity].values()
-                if self._where(entity, r, params.get("where") or [])
-            ]
+            rows = self._select(entity, params.get("where") or [])
             limit = params.get("limit")
             rows = sorted(rows, key=lambda r: r["id"])[: limit or None]
             select = params.get("select")
@@ -185,11 +191,7 @@ class CivicrmEmulator(Emulator):
         if action == "create":
             records = [self._create(entity, dict(params.get("values") or {}))]
         elif action == "update":
-            targets = [
-                r
-                for r in self.tables[entity].values()
-                if self._where(entity, r, params.get("where") or [])
-            ]
+            targets = self._select(entity, params.get("where") or [])
             if not params.get("where"):
                 raise ApiError('Parameter "where" is required.')
             records = [self._update(entity, r, dict(params.get("values") or {})) for r in targets]
@@ -200,13 +202,11 @@ class CivicrmEmulator(Emulator):
             for record in params.get("records") or []:
                 values = {**defaults, **record}
                 found = (
-                    [
-                        r
-                        for r in self.tables[entity].values()
-                        if match and all(r.get(k) == values.get(k) for k in match)
-                    ]
-                    if "id" not in values
+                    self._select(entity, [[k, "=", values.get(k)] for k in match])
+                    if match and "id" not in values
                     else [self.tables[entity][int(values["id"])]]
+                    if "id" in values
+                    else []
                 )
                 if len(found) == 1:
                     records.append(self._update(entity, found[0], values))
@@ -215,9 +215,7 @@ class CivicrmEmulator(Emulator):
         elif action == "delete":
             if not params.get("where"):
                 raise ApiError('Parameter "where" is required.')
-            targets = [
-                r for r in self.tables[entity].values() if self._where(entity, r, params["where"])
-            ]
+            targets = self._select(entity, params["where"])
             for row in targets:
                 if entity == "Contact" and params.get("useTrash", True):
                     row["is_deleted"] = True
@@ -231,6 +229,37 @@ class CivicrmEmulator(Emulator):
                 sub = _substitute(call[2] if len(call) > 2 else {}, record)
                 record[key] = self._run(call[0], call[1], sub)
         return records
+
+    def _select(self, entity: str, clauses: list[Any]) -> list[dict[str, Any]]:
+        """Rows matching every clause, found through an index when a clause allows it."""
+        table = self.tables[entity]
+        rows: Any = None
+        for name, op, value in clauses:
+            if op not in {"=", "IN"}:
+                continue
+            wanted = value if op == "IN" else [value]
+            if name == "id":
+                rows = [table[i] for i in wanted if i in table]
+                break
+            index = self._index.get((entity, name))
+            if index is not None:
+                ids = set().union(*(index.get(v, set()) for v in wanted)) if wanted else set()
+                rows = [table[i] for i in sorted(ids) if i in table]
+                break
+        if rows is None:
+            rows = list(table.values())
+        return [r for r in rows if self._where(entity, r, clauses)]
+
+    def _reindex(self, entity: str, row: dict[str, Any], *, drop: bool = False) -> None:
+        for name in INDEXED.get(entity, ()):
+            index = self._index.setdefault((entity, name), {})
+            old = self._indexed.pop((entity, name, row["id"]), None)
+            if old is not None:
+                index.get(old[0], set()).discard(row["id"])
+            if not drop:
+                value = row.get(name)
+                index.setdefault(value, set()).add(row["id"])
+                self._indexed[(entity, name, row["id"])] = (value,)
 
     def _where(self, entity: str, row: dict[str, Any], clauses: list[Any]) -> bool:
         for name, op, value in clauses:
@@ -294,22 +323,24 @@ class CivicrmEmulator(Emulator):
             row.setdefault("on_hold", 0)
         self._check(entity, row)
         self.tables[entity][row["id"]] = row
+        self._reindex(entity, row)
         return dict(row)
 
     def _update(self, entity: str, row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
         candidate = {**row, **self._normalise(entity, values)}
         self._check(entity, candidate)
         row.update(candidate)
+        self._reindex(entity, row)
         return dict(row)
 
     def _delete(self, entity: str, row_id: int) -> None:
-        self.tables[entity].pop(row_id, None)
+        row = self.tables[entity].pop(row_id, None)
+        if row is not None:
+            self._reindex(entity, row, drop=True)
         if entity == "Contact":
             for name in ("Email", "Address", "GroupContact"):
-                for rid in [
-                    r for r, row in self.tables[name].items() if row.get("contact_id") == row_id
-                ]:
-                    del self.tables[name][rid]
+                for dependent in self._select(name, [["contact_id", "=", row_id]]):
+                    self._delete(name, dependent["id"])
             for rid, act in list(self.tables["Activity"].items()):
                 if act.get("source_contact_id") == row_id or row_id in (
                     act.get("target_contact_id") or []
@@ -320,30 +351,26 @@ class CivicrmEmulator(Emulator):
 
     def state(self) -> dict[str, dict[str, Any]]:
         """Live contacts keyed by their primary e-mail, normalised for comparison."""
+        addresses: dict[int, dict[str, Any]] = {}
+        for address in self.tables["Address"].values():
+            if address.get("is_primary"):
+                addresses[address["contact_id"]] = address
+        groups: dict[int, list[str]] = {}
+        for member in self.tables["GroupContact"].values():
+            if member.get("status") == "Added":
+                name = self.tables["Group"][member["group_id"]]["name"]
+                groups.setdefault(member["contact_id"], []).append(name)
+        activities: dict[int, list[int]] = {}
+        for activity in self.tables["Activity"].values():
+            for target in activity.get("target_contact_id") or []:
+                activities.setdefault(target, []).append(int(activity["source_record_id"]))
         out: dict[str, dict[str, Any]] = {}
         for email in self.tables["Email"].values():
             contact = self.tables["Contact"].get(email["contact_id"])
             if contact is None or contact.get("is_deleted") or not email.get("is_primary"):
                 continue
             cid = contact["id"]
-            address = next(
-                (
-                    a
-                    for a in self.tables["Address"].values()
-                    if a.get("contact_id") == cid and a.get("is_primary")
-                ),
-                {},
-            )
-            groups = sorted(
-                self.tables["Group"][g["group_id"]]["name"]
-                for g in self.tables["GroupContact"].values()
-                if g.get("contact_id") == cid and g.get("status") == "Added"
-            )
-            activities = sorted(
-                int(a["source_record_id"])
-                for a in self.tables["Activity"].values()
-                if cid in (a.get("target_contact_id") or [])
-            )
+            address = addresses.get(cid, {})
             out[str(email["email"]).lower()] = {
                 "first_name": contact.get("first_name"),
                 "last_name": contact.get("last_name"),
@@ -352,8 +379,8 @@ class CivicrmEmulator(Emulator):
                 "is_opt_out": bool(contact.get("is_opt_out")),
                 "do_not_email": bool(contact.get("do_not_email")),
                 "on_hold": int(email.get("on_hold") or 0),
-                "groups": groups,
-                "activities": activities,
+                "groups": sorted(groups.get(cid, [])),
+                "activities": sorted(activities.get(cid, [])),
             }
         return out
 
