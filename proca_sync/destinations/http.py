@@ -173,11 +173,13 @@ class ApiClient:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         what: str | None = None,
+        raw: bool = False,
     ) -> ApiResponse:
         """Send one request under the rate limit; see the module docstring for retries.
 
         ``what`` names the request in errors and logs (a path template such as
         ``PUT /lists/{id}/members/{hash}``) when the real path holds personal data.
+        ``raw`` keeps the body as bytes (an archive to download).
         """
         await self.open()
         assert self._session is not None
@@ -191,8 +193,9 @@ class ApiClient:
                 async with self._session.request(
                     method, self.url(path), json=json, data=data, params=params, headers=headers
                 ) as answer:
-                    raw = await answer.read()
-                    response = ApiResponse(answer.status, answer.headers, _body(raw, answer))
+                    content = await answer.read()
+                    body = content if raw else _body(content, answer)
+                    response = ApiResponse(answer.status, answer.headers, body)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 last = BackendUnavailableError(
                     f"{self.name}: {label} failed ({type(exc).__name__})"

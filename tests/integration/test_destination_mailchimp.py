@@ -4,6 +4,8 @@ once, per-item refusals with Mailchimp's code, the connection cap, 5xx, timeouts
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -81,6 +83,54 @@ async def test_upsert_status_tags_and_events(
     report = await push(make(emu, monkeypatch), batch)
     assert report.failed == {}
     assert emu.state() == state
+
+
+async def test_many_events_of_new_members_go_in_one_batch_operation(
+    emu: MailchimpEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emu.batch_delay = 0.3  # polled until finished
+    contacts = [contact(i, f"p{i}@example.org") for i in range(1, 31)]
+    actions = [action(100 + i, i) for i in range(1, 31)] + [
+        action(200 + i, i) for i in range(1, 31)
+    ]
+    actions.append(action(999, 5, action_type="x" * 40))  # a name Mailchimp would refuse…
+    destination = make(emu, monkeypatch, batch_events_from=10, poll_interval=0.1)
+    report = await push(destination, Batch(contacts=contacts, actions=actions))
+    # …is cut to 30 characters by the connector, so everything arrives.
+    assert report.failed == {}
+    assert sum(1 for h in emu.hits if h.path == "/3.0/batches") == 1
+    assert sum(1 for h in emu.hits if h.path.endswith("/events")) == 0
+    assert emu.state()["p5@example.org"]["events"] == [105, 205, 999]
+    # Pushed again: the members exist now, their events are looked up, none is re-sent.
+    again = await push(make(emu, monkeypatch), Batch(contacts=contacts, actions=actions))
+    assert again.failed == {}
+    assert all(
+        len(m["events"]) == len(set(e["properties"]["action_id"] for e in m["events"]))
+        for m in emu.members.values()
+    )
+
+
+async def test_a_batch_operation_refusal_is_reported_per_action(
+    emu: MailchimpEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    contacts = [contact(i, f"p{i}@example.org") for i in range(1, 4)]
+    actions = [action(100 + i, i) for i in range(1, 4)]
+    emu.batch_delay = 0.2
+    destination = make(emu, monkeypatch, batch_events_from=2, poll_interval=0.05)
+    await destination.open()
+    try:
+        task = asyncio.create_task(destination.push(Batch(contacts=contacts, actions=actions)))
+        deadline = time.monotonic() + 5
+        while not emu.batches:  # archive p2 between the batch call and its processing
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)  # sleep-ok: polling observable state under a deadline
+        emu.members[subscriber_hash("p2@example.org")]["status"] = "archived"
+        report = await task
+    finally:
+        await destination.close()
+    error = report.failed[("action", "102")]
+    assert isinstance(error, DestinationRejectedError) and error.code == "resource_not_found"
+    assert set(report.failed) == {("action", "102")}
 
 
 async def test_not_opted_in_never_unsubscribes_an_existing_subscriber(
@@ -163,9 +213,6 @@ async def test_5xx_is_retried_and_a_lost_event_answer_is_not_recorded_twice(
 
 
 async def _wait_event_recorded(emu: MailchimpEmulator) -> None:
-    import asyncio
-    import time
-
     deadline = time.monotonic() + 5
     while not emu.members[subscriber_hash(ADA)]["events"]:
         assert time.monotonic() < deadline, "the stalled event never landed"

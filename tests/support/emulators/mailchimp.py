@@ -18,16 +18,25 @@ Contract reproduced:
   refused with "Forgotten Email Not Subscribed".
 * Static segments (tags): list, create, ``members_to_add`` ≤ 500 with ``errors[]``.
 * Member events: ``name`` 2–30 characters, 204; listed by ``GET …/events``.
+* Batch operations: ``POST /batches`` with ``operations[{method, path, operation_id,
+  body}]`` answers at once (``pending``), applies them later; ``GET /batches/{id}`` reports
+  ``pending`` → ``started`` → ``finished`` with ``errored_operations`` and
+  ``response_body_url``, a pre-signed link (no credentials) to a gzipped tar of JSON
+  arrays ``[{status_code, operation_id, response}]``. Member events only, here.
 * 10 simultaneous connections per key: the 11th gets 429 "Too Many Requests", with no
   rate headers (Mailchimp sends none).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import io
 import itertools
+import json
 import re
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,14 +77,20 @@ class MailchimpEmulator(Emulator):
     segments: dict[int, dict[str, Any]] = field(default_factory=dict)
     reject: set[str] = field(default_factory=set)
     """Addresses Mailchimp refuses as fake ("Invalid Resource"), besides malformed ones."""
+    batch_delay: float = 0.05
+    """Seconds before a batch operation is applied."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._ids = itertools.count(1001)
+        self.batches: dict[str, dict[str, Any]] = {}
+        self._archives: dict[str, bytes] = {}
 
     # ---- contract --------------------------------------------------------------------
 
     def authorised(self, request: web.Request) -> bool:
+        if request.path.startswith("/batch-results/"):
+            return True  # a pre-signed download link
         header = request.headers.get("Authorization", "")
         if not header.startswith("Basic "):
             return False
@@ -109,6 +124,9 @@ class MailchimpEmulator(Emulator):
         app.router.add_get(base + "/segments", self.get_segments)
         app.router.add_post(base + "/segments", self.create_segment)
         app.router.add_post(base + "/segments/{segment}", self.update_segment)
+        app.router.add_post("/3.0/batches", self.create_batch)
+        app.router.add_get("/3.0/batches/{batch_id}", self.get_batch)
+        app.router.add_get("/batch-results/{batch_id}.tar.gz", self.batch_archive)
 
     def _list(self, request: web.Request) -> None:
         if request.match_info["list_id"] != self.list_id:
@@ -248,6 +266,79 @@ class MailchimpEmulator(Emulator):
             }
         )
         return web.Response(status=204)
+
+    async def create_batch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        operations = body.get("operations")
+        if not isinstance(operations, list) or not operations:
+            return problem(400, "Invalid Resource", "operations is required.")
+        batch_id = f"b{next(self._ids)}"
+        self.batches[batch_id] = {
+            "id": batch_id,
+            "status": "pending",
+            "total_operations": len(operations),
+            "finished_operations": 0,
+            "errored_operations": 0,
+            "response_body_url": "",
+        }
+        asyncio.get_running_loop().call_later(
+            self.batch_delay, self._apply_batch, batch_id, operations
+        )
+        return web.json_response(self.batches[batch_id])
+
+    def _apply_batch(self, batch_id: str, operations: list[dict[str, Any]]) -> None:
+        results = []
+        pattern = re.compile(rf"^/?lists/{self.list_id}/members/([0-9a-f]{{32}})/events$")
+        for op in operations:
+            match = pattern.match(str(op.get("path", "")))
+            member = self.members.get(match.group(1)) if match else None
+            body = json.loads(op.get("body") or "{}")
+            name = str(body.get("name") or "")
+            if op.get("method") != "POST" or member is None or member["status"] == "archived":
+                status, response = 404, {"title": "Resource Not Found", "status": 404}
+            elif not 2 <= len(name) <= 30:
+                status, response = 400, {"title": "Invalid Resource", "status": 400}
+            else:
+                member["events"].append(
+                    {
+                        "name": name,
+                        "properties": body.get("properties") or {},
+                        "occurred_at": body.get("occurred_at"),
+                    }
+                )
+                status, response = 204, {}
+            results.append(
+                {
+                    "status_code": status,
+                    "operation_id": op.get("operation_id"),
+                    "response": json.dumps(response),
+                }
+            )
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            data = json.dumps(results).encode()
+            info = tarfile.TarInfo(f"{batch_id}/results.json")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        self._archives[batch_id] = buffer.getvalue()
+        self.batches[batch_id].update(
+            status="finished",
+            finished_operations=len(operations),
+            errored_operations=sum(1 for r in results if r["status_code"] >= 400),
+            response_body_url=f"{self.url}/batch-results/{batch_id}.tar.gz",
+        )
+
+    async def get_batch(self, request: web.Request) -> web.StreamResponse:
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            raise NotFound()
+        return web.json_response(batch)
+
+    async def batch_archive(self, request: web.Request) -> web.StreamResponse:
+        archive = self._archives.get(request.match_info["batch_id"])
+        if archive is None:
+            raise NotFound()
+        return web.Response(body=archive, content_type="application/x-gzip")
 
     async def get_events(self, request: web.Request) -> web.StreamResponse:
         member = self._member_or_404(request)
