@@ -361,6 +361,8 @@ class MailchimpDestination:
                     "POST", f"{self._list}/segments", json={"name": name, "static_segment": []}
                 )
                 if not answer.ok:
+                    # Perhaps created meanwhile by someone else: read the tags again next time.
+                    self._segments = None
                     raise BackendUnavailableError(
                         f"{self.name}: POST /lists/{{id}}/segments answered {answer.status}"
                     )
