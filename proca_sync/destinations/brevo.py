@@ -131,7 +131,7 @@ class BrevoDestination:
         }
         # /contacts/* (and /events): 10 requests/s on the General tier.
         self._client = ApiClient(
-            **common, limiter=RateLimiter(config.rate or 10.0, config.burst or 10)
+            **common, limiter=RateLimiter(config.rate or 10.0, config.burst or 1)
         )
         # Every other endpoint (processes, account): 100 requests an hour, spent through
         # the sliding-hour budget below (the bucket only spaces bursts).

@@ -146,6 +146,15 @@ async def test_when_the_poll_budget_is_spent_imports_are_confirmed_before_a_late
     assert sum(1 for h in emu.hits if h.path.startswith("/v3/processes")) == 3
 
 
+async def test_the_default_rate_stays_within_brevos_limit(
+    emu: BrevoEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    contacts = [contact(i, f"p{i}@example.org", subscribed=False) for i in range(1, 26)]
+    report = await push(make(emu, monkeypatch), Batch(contacts=contacts))
+    assert report.failed == {}
+    assert emu.throttled_count() == 0  # never beyond 10 requests in any second
+
+
 async def test_429_waits_for_the_x_sib_reset_and_everything_arrives(
     emu: BrevoEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
