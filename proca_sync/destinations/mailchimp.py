@@ -418,8 +418,12 @@ class MailchimpDestination:
         if len(bulk) >= self.config.batch_events_from:
             for c in [c for c in per_contact if contacts[c].email in fresh]:
                 del per_contact[c]
-            for start in range(0, len(bulk), BATCH_OPERATIONS):
-                await self._batch_events(bulk[start : start + BATCH_OPERATIONS], contacts, report)
+            parts = _chunks(bulk, BATCH_OPERATIONS)
+            await self._all(
+                [self._batch_events(part, contacts, report) for part in parts],
+                report,
+                [[a.key for a in part] for part in parts],
+            )
         jobs = [
             self._contact_events(contacts[c], acts, report, contacts[c].email in fresh)
             for c, acts in per_contact.items()
