@@ -373,6 +373,12 @@ class CivicrmDestination:
                 "update",
                 {"where": [["id", "=", email_id]], "values": {"on_hold": on_hold}},
             ]
+        if not values:  # nothing to change on the contact itself: its chain only
+            return [
+                "Contact",
+                "get",
+                {"select": ["id"], "where": [["id", "=", contact_id]], "chain": chain},
+            ]
         return [
             "Contact",
             "update",

@@ -232,3 +232,16 @@ async def test_ping_checks_the_group(emu: CivicrmEmulator, monkeypatch: pytest.M
             await destination.ping()
     finally:
         await destination.close()
+
+
+async def test_an_existing_contact_with_nothing_to_update_still_gets_its_groups(
+    emu: CivicrmEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_contact(emu, ADA, "Ada")
+    quiet = contact(
+        1, ADA, subscribed=False, first_name=None, last_name=None, postcode=None, country=None
+    )
+    report = await push(make(emu, monkeypatch), Batch(contacts=[quiet], actions=[action(11, 1)]))
+    assert report.failed == {}
+    assert emu.state()[ADA]["groups"] == ["proca_save-bees"]
+    assert emu.state()[ADA]["activities"] == [11]

@@ -187,8 +187,8 @@ class CivicrmEmulator(Emulator):
             limit = params.get("limit")
             rows = sorted(rows, key=lambda r: r["id"])[: limit or None]
             select = params.get("select")
-            return [{k: r.get(k) for k in (select or r)} | {"id": r["id"]} for r in rows]
-        if action == "create":
+            records = [{k: r.get(k) for k in (select or r)} | {"id": r["id"]} for r in rows]
+        elif action == "create":
             records = [self._create(entity, dict(params.get("values") or {}))]
         elif action == "update":
             targets = self._select(entity, params.get("where") or [])
