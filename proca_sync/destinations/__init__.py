@@ -22,8 +22,11 @@ __all__ = ["TYPES", "destination_from_config"]
 
 TYPES: dict[str, str] = {
     # type key → "module:Class"; each connector adds its line.
+    "brevo": "proca_sync.destinations.brevo:BrevoDestination",
+    "civicrm": "proca_sync.destinations.civicrm:CivicrmDestination",
     "csv": "proca_sync.destinations.files:CsvDestination",
     "jsonl": "proca_sync.destinations.files:JsonlDestination",
+    "mailchimp": "proca_sync.destinations.mailchimp:MailchimpDestination",
 }
 
 

@@ -4,7 +4,8 @@ One :class:`ApiClient` per destination holds one aiohttp session and one token b
 at the API's documented rate. Each request waits for a token; a 429 pauses the bucket
 for the time the API asked (``Retry-After``, or a vendor header read by the connector's
 ``retry_after`` hook) and is tried again; 5xx answers, timeouts and connection errors are
-tried again with exponential backoff and full jitter. When the attempts are spent the
+tried again with exponential backoff and full jitter (``retryable`` narrows the 5xx set
+for an API whose 500 may be a validation error, such as CiviCRM's). When the attempts are spent the
 request raises :class:`~proca_sync.errors.BackendUnavailableError` and the pusher takes
 over (its own backoff and circuit breaker). Any other answer, 4xx included, is returned
 to the connector, which knows what the API's error bodies mean.
@@ -126,6 +127,7 @@ class ApiClient:
         max_backoff: float = 30.0,
         retry_after: Callable[[ApiResponse], float | None] = _standard_retry_after,
         auth: aiohttp.BasicAuth | None = None,
+        retryable: frozenset[int] = RETRYABLE,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -138,6 +140,7 @@ class ApiClient:
         self._max_backoff = max_backoff
         self._retry_after = retry_after
         self._auth = auth
+        self._retryable = retryable
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -170,11 +173,13 @@ class ApiClient:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         what: str | None = None,
+        raw: bool = False,
     ) -> ApiResponse:
         """Send one request under the rate limit; see the module docstring for retries.
 
         ``what`` names the request in errors and logs (a path template such as
         ``PUT /lists/{id}/members/{hash}``) when the real path holds personal data.
+        ``raw`` keeps the body as bytes (an archive to download).
         """
         await self.open()
         assert self._session is not None
@@ -188,8 +193,9 @@ class ApiClient:
                 async with self._session.request(
                     method, self.url(path), json=json, data=data, params=params, headers=headers
                 ) as answer:
-                    raw = await answer.read()
-                    response = ApiResponse(answer.status, answer.headers, _body(raw, answer))
+                    content = await answer.read()
+                    body = content if raw else _body(content, answer)
+                    response = ApiResponse(answer.status, answer.headers, body)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 last = BackendUnavailableError(
                     f"{self.name}: {label} failed ({type(exc).__name__})"
@@ -211,7 +217,7 @@ class ApiClient:
                     raise BackendUnavailableError(
                         f"{self.name}: {label} refused the credentials ({response.status})"
                     )
-                if response.status in RETRYABLE:
+                if response.status in self._retryable:
                     last = BackendUnavailableError(
                         f"{self.name}: {label} answered {response.status}",
                         retry_after=self._retry_after(response),

@@ -6,4 +6,7 @@ from __future__ import annotations
 
 DRIVERS: dict[str, str] = {
     # destination type → "tests.support.emulators.<vendor>" (the module defining DRIVER)
+    "brevo": "tests.support.emulators.brevo",
+    "civicrm": "tests.support.emulators.civicrm",
+    "mailchimp": "tests.support.emulators.mailchimp",
 }

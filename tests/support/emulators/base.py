@@ -8,8 +8,10 @@ the vendor does (``Retry-After`` or its own headers). The state it keeps is the 
 view of the account (contacts, lists, notes…), which tests read to compare with what the
 destination's docs page promises.
 
-Order of the middleware for every request: record → connection reset → stall → latency →
-fault status → authentication (the subclass's :meth:`Emulator.authorised`) → rate limit →
+Order of the middleware for every request: record → simultaneous-connection cap
+(``concurrency``) → connection reset → stall → latency →
+fault status → authentication (the subclass's :meth:`Emulator.authorised`) → rate limit
+(:meth:`Emulator.limit_for`, ``limit`` unless overridden) →
 the route. Faults last for ``count`` requests or until ``until`` (``time.monotonic()``).
 
 Run it in the test's event loop (``await emu.start()`` / ``await emu.stop()``) or, for a
@@ -54,6 +56,11 @@ class Fault:
     count: int | None = None
     until: float | None = None
     retry_after: float | None = None
+    path: str | None = None
+    """Only requests whose path contains this (``None``: every request)."""
+
+    def applies(self, request: web.Request) -> bool:
+        return self.path is None or self.path in request.path
 
     def active(self, now: float) -> bool:
         if self.until is not None and now >= self.until:
@@ -93,11 +100,15 @@ class Emulator:
 
     latency: float = 0.0
     limit: WindowLimit | None = None
+    concurrency: int | None = None
+    """At most this many requests in flight (a vendor's simultaneous-connection cap);
+    beyond it the request is answered :meth:`throttled` at once."""
     hits: list[Hit] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.url = ""
+        self.in_flight = 0
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -111,6 +122,10 @@ class Emulator:
     def authorised(self, request: web.Request) -> bool:
         """Whether the request carries the vendor's credentials."""
         return True
+
+    def limit_for(self, request: web.Request) -> WindowLimit | None:
+        """The quota this request counts against (override for per-endpoint quotas)."""
+        return self.limit
 
     def unauthorised(self) -> web.StreamResponse:
         return web.json_response({"message": "unauthorised"}, status=401)
@@ -161,19 +176,29 @@ class Emulator:
         count: int | None = None,
         seconds: float | None = None,
         retry_after: float | None = None,
+        path: str | None = None,
     ) -> None:
         until = None if seconds is None else time.monotonic() + seconds
-        self.faults.append(Fault(status=status, count=count, until=until, retry_after=retry_after))
+        self.faults.append(
+            Fault(status=status, count=count, until=until, retry_after=retry_after, path=path)
+        )
 
     def stall(
-        self, seconds: float, *, count: int | None = None, for_seconds: float | None = None
+        self,
+        seconds: float,
+        *,
+        count: int | None = None,
+        for_seconds: float | None = None,
+        path: str | None = None,
     ) -> None:
         until = None if for_seconds is None else time.monotonic() + for_seconds
-        self.faults.append(Fault(stall=seconds, count=count, until=until))
+        self.faults.append(Fault(stall=seconds, count=count, until=until, path=path))
 
-    def reset_connections(self, *, count: int | None = None, seconds: float | None = None) -> None:
+    def reset_connections(
+        self, *, count: int | None = None, seconds: float | None = None, path: str | None = None
+    ) -> None:
         until = None if seconds is None else time.monotonic() + seconds
-        self.faults.append(Fault(reset=True, count=count, until=until))
+        self.faults.append(Fault(reset=True, count=count, until=until, path=path))
 
     def heal(self) -> None:
         self.faults.clear()
@@ -185,8 +210,23 @@ class Emulator:
         now = time.monotonic()
         index = len(self.hits)
         self.hits.append(Hit(request.method, request.path, 0, now))
+        if self.concurrency is not None and self.in_flight >= self.concurrency:
+            refused = self.throttled(0.0)
+            self.hits[index] = Hit(request.method, request.path, refused.status, now)
+            return refused
+        self.in_flight += 1
+        try:
+            return await self._serve(request, handler, index, now)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(
+        self, request: web.Request, handler: Handler, index: int, now: float
+    ) -> web.StreamResponse:
         self.faults[:] = [f for f in self.faults if f.active(now)]
         for fault in list(self.faults):
+            if not fault.applies(request):
+                continue
             if fault.reset:
                 fault.spend()
                 assert request.transport is not None
@@ -194,26 +234,36 @@ class Emulator:
                 raise ConnectionResetError("injected reset")
             if fault.stall:
                 fault.spend()
+                # The request has arrived whole: a client that gives up meanwhile leaves a
+                # write that may still land (what a lost answer looks like).
+                await request.read()
                 await asyncio.sleep(fault.stall)  # sleep-ok: an injected stall
         if self.latency:
             await asyncio.sleep(self.latency)  # sleep-ok: the configured latency
         response: web.StreamResponse | None = None
         for fault in self.faults:
-            if fault.status is not None and fault.active(time.monotonic()):
+            if (
+                fault.status is not None
+                and fault.applies(request)
+                and fault.active(time.monotonic())
+            ):
                 fault.spend()
                 response = self.failed(fault)
                 break
         if response is None and not self.authorised(request):
             response = self.unauthorised()
-        if response is None and self.limit is not None:
-            wait = self.limit.admit(time.monotonic())
+        limit = self.limit_for(request)
+        if response is None and limit is not None:
+            wait = limit.admit(time.monotonic())
             if wait is not None:
                 response = self.throttled(wait)
         if response is None:
             try:
                 response = await handler(request)
-            except web.HTTPException as exc:
-                response = exc
+            except web.HTTPException as exc:  # answered as a plain response (not returned)
+                response = web.Response(
+                    status=exc.status, body=exc.body, content_type=exc.content_type
+                )
         self.hits[index] = Hit(request.method, request.path, response.status, now)
         return response
 
