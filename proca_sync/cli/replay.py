@@ -32,7 +32,8 @@ from proca_sync.cli.common import (
     message_progress,
     out,
 )
-from proca_sync.crm.sql import DEFAULT_URL
+from proca_sync.cli.config import DEFAULT_ERASURE_KEY, ErasureKeyOption, attach_erasure_key
+from proca_sync.crm.sql import DEFAULT_URL, SqlBackend
 from proca_sync.engine import Engine, Summary
 from proca_sync.errors import ConfigError, ProcaSyncError
 from proca_sync.sync.model import Options
@@ -180,6 +181,7 @@ def replay(
     skip_testing: SkipTestingOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     batch: Annotated[int, typer.Option(min=1, help="Records per CRM commit.")] = 500,
+    erasure_key: ErasureKeyOption = DEFAULT_ERASURE_KEY,
     webhook_secret_file: WebhookSecretFileOption = None,
     webhook_headers_file: WebhookHeadersFileOption = None,
     webhook_timeout: WebhookTimeoutOption = None,
@@ -204,6 +206,8 @@ def replay(
         headers_file=webhook_headers_file,
         timeout=webhook_timeout,
     )
+    if isinstance(backend, SqlBackend):  # so that erased people stay erased
+        attach_erasure_key(backend, erasure_key, create=False)
     engine = Engine(
         backend=backend, keystore=keystore, options=Options(mode=mode, skip_testing=skip_testing)
     )
