@@ -121,8 +121,9 @@ KeysOption = Annotated[
 ]
 
 
-
 class LogLevel(StrEnum):
+    """``--log-level`` values (any case on the command line)."""
+
     DEBUG = "DEBUG"
     INFO = "INFO"
     WARNING = "WARNING"

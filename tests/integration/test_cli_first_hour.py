@@ -23,7 +23,6 @@ from proca_sync.crm.sql import SqlBackend
 from proca_sync.crypto import KeyPair, Keystore
 from proca_sync.pipeline.demo import DemoPlan, prepare_files
 from tests.conftest import FIXTURES, PG_DB, PG_HOST, PG_PORT, require_service
-from tests.integration.test_cli_replay import cli
 from tests.support.crm_server import CrmServer
 
 FIXTURE = str(FIXTURES / "petition_optout.json")
@@ -360,7 +359,9 @@ def test_replay_of_nothing_warns(tmp_path: Path) -> None:
 # ---- 10. the webhook CRM from the CLI and an env file --------------------------------------
 
 
-def test_webhook_secret_headers_and_timeout_from_an_env_file(tmp_path: Path) -> None:
+def test_webhook_secret_headers_and_timeout_from_an_env_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = "hmac-secret-i10"
     env_file = tmp_path / "proca.env"
     env_file.write_text(
@@ -369,15 +370,19 @@ def test_webhook_secret_headers_and_timeout_from_an_env_file(tmp_path: Path) -> 
         "PROCA_WEBHOOK_TIMEOUT=3\n"
     )
     env_file.chmod(0o600)
+    # --env-file loads into this process's environment: undo it when the test ends.
+    for name in ("PROCA_WEBHOOK_SECRET", "PROCA_WEBHOOK_HEADERS", "PROCA_WEBHOOK_TIMEOUT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     with CrmServer(secret=secret) as crm:
-        result = cli("replay", FIXTURE, "--env-file", str(env_file), "--crm", crm.url)
-        assert result.returncode == 0, result.stderr
+        result = invoke("replay", FIXTURE, "--env-file", str(env_file), "--crm", crm.url)
+        assert result.exit_code == 0, result.output
         received = crm.received()
     assert received and all(r.status == 200 for r in received)  # signature checked: 401 else
     assert received[0].headers["authorization"] == "Bearer tok-i10"
     assert received[0].headers["x-tenant"] == "7"
-    assert "tok-i10" not in result.stdout + result.stderr
-    assert secret not in result.stdout + result.stderr
+    assert "tok-i10" not in result.output
+    assert secret not in result.output
 
 
 def test_webhook_secret_file_and_a_bad_headers_file(tmp_path: Path) -> None:
