@@ -15,7 +15,6 @@ wakes the :class:`~proca_sync.pipeline.outbox.OutboxPublisher`. Error bodies are
 ``{"errors": [{"field"?, "message"}]}`` and never contain submitted values.
 """
 
-from __future__ import annotations
 
 import asyncio
 import contextlib
