@@ -123,7 +123,15 @@ def serve(
         retry_delay_ms=retry_delay_ms,
     )
     application = create_app(config, engine=engine)
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:

@@ -105,9 +105,7 @@ def update_campaign(engine: Engine, campaign_id: int, **values: Any) -> None:
     now = _now()
     with engine.begin() as conn:
         done = conn.execute(
-            update(campaigns)
-            .where(campaigns.c.id == campaign_id)
-            .values(updated_at=now, **values)
+            update(campaigns).where(campaigns.c.id == campaign_id).values(updated_at=now, **values)
         ).rowcount
         if not done:
             raise ConfigError(f"no campaign {campaign_id}")

@@ -15,7 +15,6 @@ wakes the :class:`~proca_sync.pipeline.outbox.OutboxPublisher`. Error bodies are
 ``{"errors": [{"field"?, "message"}]}`` and never contain submitted values.
 """
 
-
 import asyncio
 import contextlib
 import hashlib
@@ -152,6 +151,64 @@ class EmailReports(BaseModel):
     events: list[EmailReport] = Field(max_length=1000)
 
 
+class GroupCommit:
+    """Runs concurrent intake submissions in shared transactions (group commit).
+
+    Submissions that arrive while a transaction runs wait and go together into the next
+    one, up to ``max_batch``: one commit per batch instead of one per action. An
+    :class:`IntakeProblem` fails only its own submission (raised before it writes); any
+    other error rolls the batch back and each submission is retried alone, so one bad
+    submission never takes the others with it.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 200) -> None:
+        self._engine = engine
+        self._max = max_batch
+        self._queue: asyncio.Queue[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = (
+            asyncio.Queue()
+        )
+
+    async def submit(self, work: Callable[[Any], Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put((work, future))
+        return await future
+
+    async def run(self, on_commit: Callable[[], None]) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._commit(batch)
+            on_commit()
+
+    def _commit(self, batch: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            with self._engine.begin() as conn:
+                for work, future in batch:
+                    try:
+                        results.append((future, work(conn), None))
+                    except IntakeProblem as exc:
+                        results.append((future, None, exc))
+        except Exception:
+            if len(batch) == 1:
+                work, future = batch[0]
+                if not future.done():
+                    log.warning("intake transaction failed")
+                    future.set_exception(HTTPException(503, "state database unavailable"))
+                return
+            for item in batch:  # alone, so only the culprit fails
+                self._commit([item])
+            return
+        for future, value, error in results:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+
 def _error(status: int, message: str, where: str | None = None) -> JSONResponse:
     return JSONResponse(
         status_code=status, content={"errors": [{"field": where, "message": message}]}
@@ -189,11 +246,17 @@ def create_app(config: PipelineConfig, *, engine: Engine | None = None) -> FastA
         else None
     )
     limiter = RateLimiter(config.rate, config.burst)
+    group = GroupCommit(db)
+
+    def wake() -> None:
+        if publisher is not None:
+            publisher.wake()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = None
+        committer = asyncio.create_task(group.run(wake))
         if publisher is not None:
             task = asyncio.create_task(publisher.run(stop))
             ready = asyncio.ensure_future(publisher.ready.wait())
@@ -204,6 +267,7 @@ def create_app(config: PipelineConfig, *, engine: Engine | None = None) -> FastA
         try:
             yield
         finally:
+            committer.cancel()
             stop.set()
             if task is not None:
                 publisher.wake() if publisher is not None else None
@@ -295,7 +359,9 @@ def create_app(config: PipelineConfig, *, engine: Engine | None = None) -> FastA
     async def add_action_with_contact(submission: ActionContactIn) -> ContactReference:
         """``addActionContact``: an action with contact data and consent."""
         now = datetime.now(UTC)
-        stored = committed(lambda conn: add_action_contact(conn, processor, submission, now))
+        stored = await group.submit(
+            lambda conn: add_action_contact(conn, processor, submission, now)
+        )
         return ContactReference(contactRef=stored.contact_ref, actionId=stored.action_id)
 
     @app.post(
@@ -310,7 +376,9 @@ def create_app(config: PipelineConfig, *, engine: Engine | None = None) -> FastA
     ) -> ContactReference:
         """``addAction``: a follow-up action (share, …) of a known supporter."""
         now = datetime.now(UTC)
-        stored = committed(lambda conn: add_action(conn, processor, contactRef, submission, now))
+        stored = await group.submit(
+            lambda conn: add_action(conn, processor, contactRef, submission, now)
+        )
         return ContactReference(contactRef=stored.contact_ref, actionId=stored.action_id)
 
     # ---- links (processing.md §7) -------------------------------------------------------
@@ -513,6 +581,7 @@ def create_app(config: PipelineConfig, *, engine: Engine | None = None) -> FastA
 
         if not committed(work):
             raise HTTPException(404, "no such campaign for this org")
+        processor.catalog.invalidate()
         return {"campaignId": campaignId, "updated": True}
 
     # ---- e-mail provider reports (processing.md §10) -------------------------------------

@@ -15,17 +15,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import Connection, RowMapping, insert, select
+from sqlalchemy import Connection, insert
 
-from proca_sync.pipeline.processing import Processor, recipients
+from proca_sync.pipeline.processing import Processor, Row, recipients
 from proca_sync.pipeline.state import (
     ActionStatus,
     SupporterStatus,
     actions,
-    campaigns,
     contacts,
-    orgs,
-    pages,
     supporters,
 )
 
@@ -45,6 +42,11 @@ Short = Annotated[str, StringConstraints(max_length=255)]
 CustomValue = bool | int | float | Short | list[Short] | list[int | float]
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _COUNTRY = re.compile(r"^[A-Za-z]{2}$")
+
+
+INSERT_SUPPORTER = insert(supporters)
+INSERT_CONTACT = insert(contacts)
+INSERT_ACTION = insert(actions)
 
 
 class _In(BaseModel):
@@ -173,16 +175,11 @@ def basic_record(contact: ContactIn) -> dict[str, Any]:
     return record
 
 
-def _page(conn: Connection, page_id: int) -> tuple[RowMapping, RowMapping]:
-    page = conn.execute(select(pages).where(pages.c.id == page_id)).mappings().first()
+def _page(conn: Connection, processor: Processor, page_id: int) -> tuple[Row, Row]:
+    page = processor.catalog.page(conn, page_id)
     if page is None:
         raise IntakeProblem("actionPageId", "no such action page")
-    campaign = (
-        conn.execute(select(campaigns).where(campaigns.c.id == page["campaign_id"]))
-        .mappings()
-        .one()
-    )
-    return page, campaign
+    return page, processor.catalog.campaigns[int(page["campaign_id"])]
 
 
 def _action_values(action: ActionIn, tracking: TrackingIn | None) -> dict[str, Any]:
@@ -207,26 +204,31 @@ def add_action_contact(
     conn: Connection, processor: Processor, submission: ActionContactIn, now: datetime
 ) -> Stored:
     """Store a petition-form submission and process it (in the caller's transaction)."""
-    page, campaign = _page(conn, submission.actionPageId)
+    page, campaign = _page(conn, processor, submission.actionPageId)
     if campaign["contact_schema"] != "basic":
         raise IntakeProblem("actionPageId", "this intake only takes the basic contact schema")
     record = basic_record(submission.contact)
     ref = processor.contact_ref(str(record["email"]))
     owner_org = int(page["org_id"])
-    high_security = _high_security(conn, owner_org)
-    supporter_id = conn.execute(
-        insert(supporters).values(
-            contact_ref=ref,
-            campaign_id=campaign["id"],
-            page_id=page["id"],
-            org_id=owner_org,
-            status=str(SupporterStatus.NEW),
-            first_name=None if high_security else record["firstName"],
-            email=None if high_security else record["email"],
-            area=record.get("area"),
-            created_at=now,
-        )
-    ).inserted_primary_key[0]  # type: ignore[index]
+    high_security = bool(processor.catalog.orgs[owner_org]["high_security"])
+    supporter: Row = {
+        "contact_ref": ref,
+        "campaign_id": campaign["id"],
+        "page_id": page["id"],
+        "org_id": owner_org,
+        "status": str(SupporterStatus.NEW),
+        "email_status": None,
+        "email_status_changed": None,
+        "dupe_rank": None,
+        "first_name": None if high_security else record["firstName"],
+        "email": None if high_security else record["email"],
+        "area": record.get("area"),
+        "created_at": now,
+    }
+    supporter["id"] = int(
+        conn.execute(INSERT_SUPPORTER, supporter).inserted_primary_key[0]  # type: ignore[index]
+    )
+    rows: list[Row] = []
     for recipient in recipients(
         page_org=owner_org,
         lead_org=int(campaign["org_id"]),
@@ -236,40 +238,44 @@ def add_action_contact(
         lead_opt_in=submission.privacy.leadOptIn,
     ):
         sealed = processor.seal_for(conn, recipient.org_id, record)
-        conn.execute(
-            insert(contacts).values(
-                supporter_id=supporter_id,
-                org_id=recipient.org_id,
-                record=None if sealed is not None else record,
-                personal_info=sealed,
-                opt_in=recipient.opt_in,
-                delivery=recipient.delivery,
-                created_at=now,
-            )
+        rows.append(
+            {
+                "supporter_id": supporter["id"],
+                "org_id": recipient.org_id,
+                "record": None if sealed is not None else record,
+                "personal_info": sealed,
+                "opt_in": recipient.opt_in,
+                "delivery": recipient.delivery,
+                "created_at": now,
+            }
         )
-    action_id = conn.execute(
-        insert(actions).values(
-            **_action_values(submission.action, submission.tracking),
-            with_consent=True,
-            contact_ref=ref,
-            supporter_id=supporter_id,
-            page_id=page["id"],
-            campaign_id=campaign["id"],
-            status=str(ActionStatus.NEW),
-            created_at=now,
-        )
-    ).inserted_primary_key[0]  # type: ignore[index]
-    written = processor.process(conn, int(action_id), now)
-    for waiting in processor.link_waiting(conn, int(supporter_id), ref, owner_org):
+    conn.execute(INSERT_CONTACT, rows)
+    action: Row = {
+        **_action_values(submission.action, submission.tracking),
+        "with_consent": True,
+        "contact_ref": ref,
+        "supporter_id": supporter["id"],
+        "page_id": page["id"],
+        "campaign_id": campaign["id"],
+        "status": str(ActionStatus.NEW),
+        "created_at": now,
+    }
+    action["id"] = int(
+        conn.execute(INSERT_ACTION, action).inserted_primary_key[0]  # type: ignore[index]
+    )
+    ctx = processor.context(conn, action, supporter)
+    ctx.contacts = rows
+    written = processor.process(conn, action["id"], now, ctx=ctx)
+    for waiting in processor.link_waiting(conn, supporter["id"], ref, owner_org):
         written += processor.process(conn, waiting, now)
-    return Stored(int(action_id), ref, written)
+    return Stored(action["id"], ref, written)
 
 
 def add_action(
     conn: Connection, processor: Processor, ref: str, submission: AddActionIn, now: datetime
 ) -> Stored:
     """Store a follow-up action of ``ref``; it waits unlinked when no supporter exists yet."""
-    page, campaign = _page(conn, submission.actionPageId)
+    page, campaign = _page(conn, processor, submission.actionPageId)
     supporter_id = processor.latest_supporter(conn, ref, int(page["org_id"]))
     action_id = conn.execute(
         insert(actions).values(
@@ -283,10 +289,7 @@ def add_action(
             created_at=now,
         )
     ).inserted_primary_key[0]  # type: ignore[index]
+    if supporter_id is None:
+        processor.note_unlinked()
     written = processor.process(conn, int(action_id), now)
     return Stored(int(action_id), ref, written)
-
-
-def _high_security(conn: Connection, org_id: int) -> bool:
-    value = conn.execute(select(orgs.c.high_security).where(orgs.c.id == org_id)).scalar()
-    return bool(value)

@@ -85,12 +85,14 @@ class OutboxPublisher:
         amqp_url: str,
         *,
         batch: int = 500,
+        chunk: int = 50,
         poll_interval: float = 0.5,
         retry_delay_ms: int = DEFAULT_RETRY_DELAY_MS,
     ) -> None:
         self._engine = engine
         self._url = amqp_url
         self._batch = batch
+        self._chunk = chunk
         self._poll = poll_interval
         self._retry_delay_ms = retry_delay_ms
         self._wake = asyncio.Event()
@@ -170,7 +172,10 @@ class OutboxPublisher:
             ).all()
 
     async def publish_pending(self, channel: AbstractChannel) -> int:
-        """Publish one batch of pending rows, wait for every confirm, then mark them."""
+        """Publish one batch of pending rows; mark each chunk once the broker confirmed it.
+
+        Chunks keep the window "confirmed but not marked" (re-sent after a crash) small.
+        """
         rows = self._pending()
         if not rows:
             return 0
@@ -185,16 +190,21 @@ class OutboxPublisher:
             result = await exchange.publish(message, row.routing_key, mandatory=True)
             return not isinstance(result, aiormq.abc.DeliveredMessage)
 
-        results = await asyncio.gather(*(send(row) for row in rows))
-        ids = [row.id for row in rows]
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(outbox).where(outbox.c.id.in_(ids)).values(published_at=datetime.now(UTC))
-            )
-        routed = sum(results)
-        self.stats.published += len(rows)
-        self.stats.unroutable += len(rows) - routed
+        for start in range(0, len(rows), self._chunk):
+            chunk = rows[start : start + self._chunk]
+            results = await asyncio.gather(*(send(row) for row in chunk))
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_([row.id for row in chunk]))
+                    .values(published_at=datetime.now(UTC))
+                )
+            routed = sum(results)
+            self.stats.published += len(chunk)
+            self.stats.unroutable += len(chunk) - routed
+            if routed != len(chunk):
+                log.warning(
+                    "%d outbox messages were unroutable (no queue bound)", len(chunk) - routed
+                )
         self.stats.cycles += 1
-        if routed != len(rows):
-            log.warning("%d outbox messages were unroutable (no queue bound)", len(rows) - routed)
         return len(rows)

@@ -17,14 +17,15 @@ Nothing here logs personal data; errors carry ids only.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, RowMapping, and_, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from proca_sync.crypto import b64encode
 from proca_sync.pipeline.instance import InstanceSecrets
@@ -136,9 +137,7 @@ def decide(
     return NOTHING
 
 
-def effective_settings(
-    campaign: RowMapping | Mapping[str, Any], owner: RowMapping | Mapping[str, Any]
-) -> Settings:
+def effective_settings(campaign: Mapping[str, Any], owner: Mapping[str, Any]) -> Settings:
     """Campaign values win; unset (``None``) falls back to the page owner's org flags."""
     supporter_confirm = campaign["supporter_confirm"]
     if supporter_confirm is None:
@@ -195,13 +194,90 @@ def recipients(
     return out
 
 
-@dataclass(frozen=True)
+Row = dict[str, Any]
+
+# Hot-path statements built once: SQLAlchemy then reuses their compiled form, which is
+# most of the cost of a statement (see BENCHMARKS.md, pipeline intake).
+SET_ACTION_STATUS = (
+    update(actions).where(actions.c.id == bindparam("b_id")).values(status=bindparam("b_status"))
+)
+SET_SUPPORTER_STATUS = (
+    update(supporters)
+    .where(supporters.c.id == bindparam("b_id"))
+    .values(status=bindparam("b_status"), dupe_rank=bindparam("b_rank"))
+)
+SET_SUPPORTER_STATUS_CLEAR = SET_SUPPORTER_STATUS.values(email=None)
+EARLIER_ACCEPTED = select(supporters.c.page_id).where(
+    supporters.c.contact_ref == bindparam("b_ref"),
+    supporters.c.campaign_id == bindparam("b_campaign"),
+    supporters.c.status == str(SupporterStatus.ACCEPTED),
+    supporters.c.id < bindparam("b_id"),
+)
+WAITING_ACTIONS = (
+    select(actions.c.id)
+    .join(pages, pages.c.id == actions.c.page_id)
+    .where(
+        actions.c.contact_ref == bindparam("b_ref"),
+        actions.c.supporter_id.is_(None),
+        pages.c.org_id == bindparam("b_org"),
+    )
+    .order_by(actions.c.id)
+)
+INSERT_OUTBOX = insert(outbox)
+
+
+@dataclass
 class _Ctx:
-    action: RowMapping
-    supporter: RowMapping | None
-    page: RowMapping
-    campaign: RowMapping
-    owner: RowMapping
+    """One action with its supporter, page, campaign and page owner, as plain dicts (the
+    processing updates them in place so messages show the new statuses)."""
+
+    action: Row
+    supporter: Row | None
+    page: Row
+    campaign: Row
+    owner: Row
+    contacts: list[Row] | None = None
+
+
+class Catalog:
+    """Orgs, campaigns, pages and active keys, cached in memory for ``ttl`` seconds.
+
+    They change rarely (CLI, management API) and every action needs them; a change made
+    by another process is seen within ``ttl``, one made through :meth:`invalidate` at once.
+    """
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self._ttl = ttl
+        self._loaded = -1e9
+        self.orgs: dict[int, Row] = {}
+        self.campaigns: dict[int, Row] = {}
+        self.pages: dict[int, Row] = {}
+        self.keys: dict[int, Row] = {}
+
+    def invalidate(self) -> None:
+        self._loaded = -1e9
+
+    def fresh(self, conn: Connection, *, force: bool = False) -> Catalog:
+        if force or time.monotonic() - self._loaded > self._ttl:
+            self.orgs = {int(r["id"]): dict(r) for r in conn.execute(select(orgs)).mappings()}
+            self.campaigns = {
+                int(r["id"]): dict(r) for r in conn.execute(select(campaigns)).mappings()
+            }
+            self.pages = {int(r["id"]): dict(r) for r in conn.execute(select(pages)).mappings()}
+            keys: dict[int, Row] = {}
+            query = select(org_keys).where(org_keys.c.active.is_(True)).order_by(org_keys.c.id)
+            for row in conn.execute(query).mappings():
+                keys[int(row["org_id"])] = dict(row)
+            self.keys = keys
+            self._loaded = time.monotonic()
+        return self
+
+    def page(self, conn: Connection, page_id: int) -> Row | None:
+        """The page (reloading once on a miss: it may have been created a moment ago)."""
+        page = self.fresh(conn).pages.get(page_id)
+        if page is None:
+            page = self.fresh(conn, force=True).pages.get(page_id)
+        return page
 
 
 class Processor:
@@ -211,9 +287,23 @@ class Processor:
     returns the number of outbox rows it wrote; the caller commits.
     """
 
-    def __init__(self, instance: InstanceSecrets, *, nonces: NonceCounter | None = None) -> None:
+    def __init__(
+        self,
+        instance: InstanceSecrets,
+        *,
+        nonces: NonceCounter | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
         self._instance = instance
         self._nonces = nonces or NonceCounter()
+        self.catalog = catalog or Catalog()
+        # Whether unlinked follow-up actions may exist (None: not checked yet). This
+        # process is the only writer of actions (one pipeline per database).
+        self._unlinked: bool | None = None
+
+    def note_unlinked(self) -> None:
+        """A follow-up action was stored without a supporter."""
+        self._unlinked = True
 
     # ---- sealing -------------------------------------------------------------------------
 
@@ -221,19 +311,14 @@ class Processor:
         self, conn: Connection, org_id: int, record: Mapping[str, Any]
     ) -> dict[str, Any] | None:
         """The ``personalInfo`` of ``record`` for ``org_id``'s active key, or ``None``."""
-        key = conn.execute(
-            select(org_keys.c.id, org_keys.c.public)
-            .where(org_keys.c.org_id == org_id, org_keys.c.active.is_(True))
-            .order_by(org_keys.c.id.desc())
-            .limit(1)
-        ).first()
+        key = self.catalog.fresh(conn).keys.get(org_id)
         if key is None:
             return None
         encryption = Encryption(
-            recipient_public=key.public,
+            recipient_public=key["public"],
             sender=self._instance.instance_key,
             nonces=self._nonces,
-            recipient_key_id=int(key.id),
+            recipient_key_id=int(key["id"]),
             sender_key_id=self._instance.instance_key_id,
         )
         return encryption.seal(record)
@@ -243,31 +328,39 @@ class Processor:
 
     # ---- loading -------------------------------------------------------------------------
 
+    def context(self, conn: Connection, action: Row, supporter: Row | None) -> _Ctx:
+        """A context from rows the caller already holds (the intake's fast path)."""
+        catalog = self.catalog.fresh(conn)
+        page = catalog.page(conn, int(action["page_id"]))
+        assert page is not None
+        campaign = catalog.campaigns[int(action["campaign_id"])]
+        owner = catalog.orgs[int(page["org_id"])]
+        return _Ctx(action, supporter, page, campaign, owner)
+
     def _ctx(self, conn: Connection, action_id: int) -> _Ctx | None:
         action = conn.execute(select(actions).where(actions.c.id == action_id)).mappings().first()
         if action is None:
             return None
         supporter = None
         if action["supporter_id"] is not None:
-            supporter = (
+            row = (
                 conn.execute(select(supporters).where(supporters.c.id == action["supporter_id"]))
                 .mappings()
                 .first()
             )
-        page = conn.execute(select(pages).where(pages.c.id == action["page_id"])).mappings().one()
-        campaign = (
-            conn.execute(select(campaigns).where(campaigns.c.id == action["campaign_id"]))
-            .mappings()
-            .one()
-        )
-        owner = conn.execute(select(orgs).where(orgs.c.id == page["org_id"])).mappings().one()
-        return _Ctx(action, supporter, page, campaign, owner)
+            supporter = None if row is None else dict(row)
+        return self.context(conn, dict(action), supporter)
 
     # ---- the state machine ---------------------------------------------------------------
 
-    def process(self, conn: Connection, action_id: int, now: datetime) -> int:
-        """Run §4 once for ``action_id``; write its statuses and messages (same transaction)."""
-        ctx = self._ctx(conn, action_id)
+    def process(
+        self, conn: Connection, action_id: int, now: datetime, *, ctx: _Ctx | None = None
+    ) -> int:
+        """Run §4 once for ``action_id``; write its statuses and messages (same transaction).
+
+        ``ctx`` saves the reads when the caller has just written the rows itself.
+        """
+        ctx = ctx or self._ctx(conn, action_id)
         if ctx is None:
             return 0
         supporter = ctx.supporter
@@ -280,69 +373,71 @@ class Processor:
         if not transition.changes or supporter is None:
             return 0
         new_action = transition.action
-        rank = supporter["dupe_rank"]
         if transition.emit is not None:
             rank, same_page = self._rank(conn, supporter)
+            supporter["dupe_rank"] = rank
             if new_action == A.DELIVERED and rank > 0 and same_page:
                 new_action = A.REPEAT
-        if new_action is not None and new_action != ctx.action["status"]:
-            conn.execute(
-                update(actions).where(actions.c.id == action_id).values(status=str(new_action))
-            )
-        supporter_values: dict[str, Any] = {"dupe_rank": rank}
+        old_action = ctx.action["status"]
+        if new_action is not None:
+            ctx.action["status"] = str(new_action)
         if transition.supporter is not None:
-            supporter_values["status"] = str(transition.supporter)
-        conn.execute(
-            update(supporters).where(supporters.c.id == supporter["id"]).values(**supporter_values)
-        )
-        if transition.emit is None:
-            return 0
-        # Re-read what the messages show (new statuses and rank).
-        fresh = self._ctx(conn, action_id)
-        assert fresh is not None
+            supporter["status"] = str(transition.supporter)
         written = 0
+        clear_email = False
         if transition.emit == Emit.DELIVER:
-            for contact in self._contacts(conn, supporter["id"]):
-                written += self._emit_action(conn, fresh, "deliver", int(contact["org_id"]), now)
-            if not ctx.owner["high_security"]:
-                # processing.md §9: the clear e-mail is not needed after delivery.
-                conn.execute(
-                    update(supporters).where(supporters.c.id == supporter["id"]).values(email=None)
-                )
-        else:
+            for contact in self._contacts(conn, ctx):
+                written += self._emit_action(conn, ctx, "deliver", int(contact["org_id"]), now)
+            # processing.md §9: the clear e-mail is not needed after delivery.
+            clear_email = not ctx.owner["high_security"] and supporter["email"] is not None
+        elif transition.emit is not None:
             stage: StageName = (
                 "supporter_confirm"
                 if transition.emit == Emit.SUPPORTER_CONFIRM
                 else "action_confirm"
             )
-            written += self._emit_action(conn, fresh, stage, int(ctx.page["org_id"]), now)
+            written += self._emit_action(conn, ctx, stage, int(ctx.page["org_id"]), now)
+        if ctx.action["status"] != old_action:
+            conn.execute(SET_ACTION_STATUS, {"b_id": action_id, "b_status": ctx.action["status"]})
+        if clear_email:
+            supporter["email"] = None
+        conn.execute(
+            SET_SUPPORTER_STATUS_CLEAR if clear_email else SET_SUPPORTER_STATUS,
+            {
+                "b_id": supporter["id"],
+                "b_status": supporter["status"],
+                "b_rank": supporter["dupe_rank"],
+            },
+        )
         return written
 
-    def _rank(self, conn: Connection, supporter: RowMapping) -> tuple[int, bool]:
+    def _rank(self, conn: Connection, supporter: Row) -> tuple[int, bool]:
         earlier = conn.execute(
-            select(supporters.c.page_id).where(
-                supporters.c.contact_ref == supporter["contact_ref"],
-                supporters.c.campaign_id == supporter["campaign_id"],
-                supporters.c.status == str(S.ACCEPTED),
-                supporters.c.id < supporter["id"],
-            )
+            EARLIER_ACCEPTED,
+            {
+                "b_ref": supporter["contact_ref"],
+                "b_campaign": supporter["campaign_id"],
+                "b_id": supporter["id"],
+            },
         ).all()
         return len(earlier), any(row.page_id == supporter["page_id"] for row in earlier)
 
-    def _contacts(self, conn: Connection, supporter_id: int) -> Sequence[RowMapping]:
-        return (
-            conn.execute(
-                select(contacts)
-                .where(contacts.c.supporter_id == supporter_id)
-                .order_by(contacts.c.id)
-            )
-            .mappings()
-            .all()
-        )
+    def _contacts(self, conn: Connection, ctx: _Ctx) -> list[Row]:
+        if ctx.contacts is None:
+            assert ctx.supporter is not None
+            ctx.contacts = [
+                dict(row)
+                for row in conn.execute(
+                    select(contacts)
+                    .where(contacts.c.supporter_id == ctx.supporter["id"])
+                    .order_by(contacts.c.id)
+                ).mappings()
+            ]
+        return ctx.contacts
 
     # ---- message construction -----------------------------------------------------------
 
-    def _layer1(self, ctx: _Ctx, contact: RowMapping | None) -> ContactData:
+    def _layer1(self, ctx: _Ctx, contact: Row | None) -> ContactData:
         supporter = ctx.supporter
         assert supporter is not None
         record = contact["record"] if contact is not None and contact["record"] else {}
@@ -355,7 +450,7 @@ class Processor:
             area=supporter["area"],
         )
 
-    def _privacy(self, ctx: _Ctx, contact: RowMapping | None, *, with_consent: bool) -> PrivacyData:
+    def _privacy(self, ctx: _Ctx, contact: Row | None, *, with_consent: bool) -> PrivacyData:
         supporter = ctx.supporter
         assert supporter is not None
         changed = supporter["email_status_changed"]
@@ -369,7 +464,7 @@ class Processor:
         )
 
     @staticmethod
-    def _infos(ctx: _Ctx, owner: RowMapping) -> tuple[PageInfo, CampaignInfo, OrgInfo]:
+    def _infos(ctx: _Ctx, owner: Row) -> tuple[PageInfo, CampaignInfo, OrgInfo]:
         page, campaign = ctx.page, ctx.campaign
         template = page["supporter_confirm_template"]
         return (
@@ -390,23 +485,18 @@ class Processor:
             OrgInfo(id=int(owner["id"]), name=owner["name"], title=owner["title"]),
         )
 
-    def _contact_of(self, conn: Connection, supporter_id: int, org_id: int) -> RowMapping | None:
-        return (
-            conn.execute(
-                select(contacts).where(
-                    contacts.c.supporter_id == supporter_id, contacts.c.org_id == org_id
-                )
-            )
-            .mappings()
-            .first()
-        )
+    def _contact_of(self, conn: Connection, ctx: _Ctx, org_id: int) -> Row | None:
+        for contact in self._contacts(conn, ctx):
+            if int(contact["org_id"]) == org_id:
+                return contact
+        return None
 
     def action_message(
         self, conn: Connection, ctx: _Ctx, stage: StageName, org_id: int
     ) -> dict[str, Any]:
         """The ``proca:action:2`` message of ``ctx`` as built for receiving org ``org_id``."""
         assert ctx.supporter is not None
-        contact = self._contact_of(conn, int(ctx.supporter["id"]), org_id)
+        contact = self._contact_of(conn, ctx, org_id)
         page, campaign, org = self._infos(ctx, ctx.owner)
         layer1 = self._layer1(ctx, contact)
         if ctx.owner["high_security"]:
@@ -460,13 +550,14 @@ class Processor:
         now: datetime,
     ) -> None:
         conn.execute(
-            insert(outbox).values(
-                exchange=exchange,
-                routing_key=routing_key,
-                body=orjson.dumps(dict(message)),
-                action_id=action_id,
-                created_at=now,
-            )
+            INSERT_OUTBOX,
+            {
+                "exchange": exchange,
+                "routing_key": routing_key,
+                "body": orjson.dumps(dict(message)),
+                "action_id": action_id,
+                "created_at": now,
+            },
         )
 
     # ---- e-mail status and events --------------------------------------------------------
@@ -496,14 +587,14 @@ class Processor:
         assert fresh is not None
         assert fresh.supporter is not None
         written = 0
-        for contact in self._contacts(conn, int(fresh.supporter["id"])):
+        for contact in self._contacts(conn, fresh):
             event = self.email_status_event(fresh, contact)
             route = event_route(int(contact["org_id"]), event)
             self._enqueue(conn, route.exchange, route.routing_key, event, action_id, now)
             written += 1
         return written
 
-    def email_status_event(self, ctx: _Ctx, contact: RowMapping) -> dict[str, Any]:
+    def email_status_event(self, ctx: _Ctx, contact: Row) -> dict[str, Any]:
         """An ``email_status`` event (messages.md §6.1) for the org of ``contact``."""
         supporter = ctx.supporter
         assert supporter is not None
@@ -683,18 +774,16 @@ class Processor:
 
     def link_waiting(self, conn: Connection, supporter_id: int, ref: str, org_id: int) -> list[int]:
         """Attach earlier follow-up actions that waited for a supporter with ``ref`` (§1)."""
-        rows = conn.execute(
-            select(actions.c.id)
-            .join(pages, pages.c.id == actions.c.page_id)
-            .where(
-                and_(
-                    actions.c.contact_ref == ref,
-                    actions.c.supporter_id.is_(None),
-                    pages.c.org_id == org_id,
-                )
+        if self._unlinked is None:
+            self._unlinked = (
+                conn.execute(
+                    select(actions.c.id).where(actions.c.supporter_id.is_(None)).limit(1)
+                ).first()
+                is not None
             )
-            .order_by(actions.c.id)
-        ).all()
+        if not self._unlinked:
+            return []  # no follow-up action waits anywhere: skip the lookup
+        rows = conn.execute(WAITING_ACTIONS, {"b_ref": ref, "b_org": org_id}).all()
         ids = [int(row.id) for row in rows]
         if ids:
             conn.execute(

@@ -14,6 +14,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -234,7 +235,11 @@ def open_engine(url: str) -> Engine:
         os.close(fd)
     if make_url(url).get_backend_name() == "postgresql" and "+" not in url.split("://", 1)[0]:
         url = url.replace("postgresql://", "postgresql+psycopg://", 1)
-    engine = create_engine(url, future=True)
+    engine = create_engine(
+        url,
+        json_serializer=lambda value: orjson.dumps(value).decode(),
+        json_deserializer=orjson.loads,
+    )
     if path is not None:
 
         @event.listens_for(engine, "connect")
