@@ -87,10 +87,15 @@ class Pipeline:
                        location="https://example.org/petition")
         self.api_key = admin.new_api_key(self.engine, self.org)
 
-    def start(self, *args: str) -> None:
+    def start_without_broker(self) -> None:
+        """Serve the HTTP side only (the outbox fills, nothing is published)."""
+        self.start(broker=False)
+
+    def start(self, *args: str, broker: bool = True) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
-        env.update(PROCA_PIPELINE_DB=self.db, PROCA_PIPELINE_SECRETS=str(self.secrets_path),
-                   PROCA_PIPELINE_BROKER=self.amqp_url)
+        env.update(PROCA_PIPELINE_DB=self.db, PROCA_PIPELINE_SECRETS=str(self.secrets_path))
+        if broker:
+            env["PROCA_PIPELINE_BROKER"] = self.amqp_url
         handle = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proca_sync", "pipeline", "serve", "--port", str(self.port),
