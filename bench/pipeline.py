@@ -80,7 +80,7 @@ async def _fire(url: str, bodies: list[Any] | None, count: int, concurrency: int
     return time.perf_counter() - started
 
 
-async def _wait_depth(url: str, queue: str, n: int, started: float, timeout: float) -> float:
+async def _wait_depth(url: str, queue: str, n: int, started: float, limit: float) -> float:
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
@@ -88,7 +88,7 @@ async def _wait_depth(url: str, queue: str, n: int, started: float, timeout: flo
             declared = await channel.declare_queue(queue, passive=True)
             if int(declared.declaration_result.message_count or 0) >= n:
                 return time.perf_counter() - started
-            if time.perf_counter() - started > timeout:
+            if time.perf_counter() - started > limit:
                 raise RuntimeError("the deliver queue did not fill in time")
             await asyncio.sleep(0.02)
     finally:
@@ -105,6 +105,14 @@ async def _cleanup(url: str, org: int) -> None:
             await channel.exchange_delete(f"org.{org}.{kind}")
     finally:
         await connection.close()
+
+
+def _spawn(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "proca_sync", "pipeline", "serve", "--port", str(port),
+         "--rate", "0", "--log-level", "WARNING"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
 
 
 async def one_run(amqp_url: str, n: int, concurrency: int, tmp: Path) -> dict[str, Any]:
@@ -124,11 +132,7 @@ async def one_run(amqp_url: str, n: int, concurrency: int, tmp: Path) -> dict[st
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
     env.update(PROCA_PIPELINE_DB=db, PROCA_PIPELINE_SECRETS=str(secrets),
                PROCA_PIPELINE_BROKER=amqp_url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proca_sync", "pipeline", "serve", "--port", str(port),
-         "--rate", "0", "--log-level", "WARNING"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = _spawn(port, env)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -176,7 +180,7 @@ runs from the first request until all deliver messages are in `cus.N.deliver` (s
 outboxed, published with publisher confirms). Baseline in the same run: `GET /health`,
 same process, same client and concurrency (the HTTP stack's ceiling here).
 
-| run | end to end (actions/s) | HTTP answers (actions/s) | `GET /health` (req/s) | end to end ÷ health |
+| run | end to end (actions/s) | HTTP answers (actions/s) | `GET /health` (req/s) | ÷ health |
 |---|---:|---:|---:|---:|
 {rows}
 

@@ -15,7 +15,7 @@ import pytest
 
 from proca_sync.crm.sql import SqlBackend
 from proca_sync.messages.decode import decode
-from proca_sync.messages.schemas import ActionMessage, EmailStatusEvent
+from proca_sync.messages.schemas import ActionMessage
 from proca_sync.pipeline.app import sign_webhook
 from proca_sync.pipeline.confirm import ManagementClient, consume_confirmations, supporter_links
 from proca_sync.pipeline.topology import (
@@ -184,7 +184,7 @@ async def test_moderation_by_the_orgs_own_consumer(pipeline: Pipeline) -> None:
     assert delivered[0]["stage"] == "deliver"
     await asyncio.sleep(0.5)  # sleep-ok: a wrongly delivered second action would show now
     assert await pipeline.depth(deliver_queue(pipeline.org)) == 0
-    code, state, _ = await pipeline.get(f"/api/actions/{bad}/status", api=True)
+    _code, state, _ = await pipeline.get(f"/api/actions/{bad}/status", api=True)
     assert state["actionStatus"] == "rejected" and state["supporterStatus"] == "accepted"
     # Deciding again is harmless: 409 for an action no longer waiting.
     status, _ = await pipeline.manage(f"/api/actions/{good}/accept")
@@ -223,3 +223,69 @@ async def test_intake_rate_limit_and_field_errors(pipeline: Pipeline) -> None:
     assert status == 422
     assert answer["errors"][0]["field"] == "contact.email"
     assert "secret-person" not in orjson.dumps(answer).decode()
+
+
+async def test_simulate_via_intake(pipeline: Pipeline) -> None:
+    pipeline.setup(custom_action_deliver=True)
+    pipeline.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "proca_sync", "simulate", "--org", str(pipeline.org),
+         "--actions", "40", "--seed", "7", "--via-intake", pipeline.base,
+         "--page", str(pipeline.page)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "HTTP answers: 200:" in result.stdout
+    from sqlalchemy import func, select
+
+    from proca_sync.pipeline.state import actions
+
+    with pipeline.engine.connect() as conn:
+        rows = conn.execute(
+            select(actions.c.with_consent, actions.c.status, func.count())
+            .group_by(actions.c.with_consent, actions.c.status)
+        ).all()
+    counts = {(bool(w), s): n for w, s, n in rows}
+    assert counts.get((True, "delivered"), 0) > 10
+    assert counts.get((False, "delivered"), 0) > 0  # follow-ups reached their supporter
+
+
+def test_demo_pipeline(tmp_path: Path, amqp_url: str) -> None:
+    import random
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
+    org = str(random.randint(10_000_000, 2_000_000_000))
+    result = subprocess.run(
+        [sys.executable, "-m", "proca_sync", "demo", "--pipeline", "--actions", "20",
+         "--org", org, "--url", amqp_url],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "supporters submitted over HTTP" in result.stdout
+    contacts = crm_contacts(f"sqlite:///{tmp_path / 'proca-crm.db'}")
+    statuses = [c["emailStatus"] for c in contacts]
+    assert len(contacts) == 18  # 20 submitted, the 7th and the 14th rejected
+    assert statuses.count("double_opt_in") >= 5 and statuses.count("bounce") == 1
+    asyncio.run(_drop_demo_org(amqp_url, int(org)))
+
+
+async def _drop_demo_org(url: str, org: int) -> None:
+    import aio_pika
+
+    from proca_sync.pipeline.topology import OrgFlags, plan_topology
+
+    topology = plan_topology(org, OrgFlags(custom_supporter_confirm=True,
+                                           custom_action_deliver=True,
+                                           custom_event_deliver=True))
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        for queue in topology.queues:
+            if queue.name != "system.deliver":
+                await channel.queue_delete(queue.name)
+        for exchange in topology.exchanges:
+            await channel.exchange_delete(exchange.name)
+    finally:
+        await connection.close()
