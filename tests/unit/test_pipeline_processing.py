@@ -341,3 +341,38 @@ def test_intake_rejects_without_echoing(tmp_path: Path) -> None:
     assert caught.value.field == "contact.email" and "hidden-value" not in str(caught.value)
     with pytest.raises(IntakeProblem, match="actionPageId"):
         world.submit(1, actionPageId=999)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_migrations_match_the_tables_and_run_on_both_databases(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from proca_sync.pipeline.state import metadata
+
+    url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else request.getfixturevalue(
+        "pg_url")
+    engine = open_engine(url)
+    try:
+        migrate(engine)
+        migrate(engine)  # idempotent
+        with engine.connect() as conn:
+            drift = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert drift == []
+        admin.add_org(engine, org_id=766, name="o", title="O", custom_action_deliver=True)
+        admin.add_campaign(engine, campaign_id=9, name="c", title="C", org_id=766)
+        admin.add_page(engine, page_id=1, name="p", locale="en", campaign_id=9, org_id=766)
+        processor = Processor(InstanceSecrets.generate())
+        body = ActionContactIn.model_validate({
+            "actionPageId": 1, "action": {"actionType": "register"},
+            "contact": {"firstName": "A", "email": "a@example.org"}, "privacy": {"optIn": True}})
+        with engine.begin() as conn:
+            stored = add_action_contact(conn, processor, body, NOW)
+        with engine.connect() as conn:
+            status = conn.execute(select(actions.c.status)
+                                  .where(actions.c.id == stored.action_id)).scalar()
+        assert status == "delivered"
+    finally:
+        engine.dispose()
