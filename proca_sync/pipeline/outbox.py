@@ -35,6 +35,7 @@ from proca_sync.pipeline.state import campaigns, orgs, outbox
 from proca_sync.pipeline.topology import (
     DEFAULT_RETRY_DELAY_MS,
     OrgFlags,
+    TopologyError,
     declare_topology,
     plan_topology,
 )
@@ -106,40 +107,67 @@ class OutboxPublisher:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish until ``stop`` is set; reconnects (robust connection) on broker loss."""
+        """Publish until ``stop`` is set.
+
+        An unreachable broker is not fatal: the intake keeps storing (that is the point of
+        the outbox) and the publisher reconnects with a growing delay (≤ 10 s). Refused
+        credentials and a topology the broker refuses are configuration errors: raised.
+        """
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                return
+            except (aio_pika.exceptions.ProbableAuthenticationError, TopologyError):
+                raise
+            except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+                log.warning(
+                    "broker unavailable (%s); the outbox keeps the messages, retrying in %.0f s",
+                    type(exc).__name__,
+                    delay,
+                )
+                self.ready.set()  # the intake works without the broker
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _session(self, stop: asyncio.Event) -> None:
         connection: AbstractRobustConnection = await aio_pika.connect_robust(
             self._url, client_properties={"connection_name": "proca-sync pipeline outbox"}
         )
         try:
             channel = await connection.channel(publisher_confirms=True)
+            self._exchanges.clear()
             await self.declare_orgs(channel)
             self.ready.set()
             last_declare = asyncio.get_running_loop().time()
             while not stop.is_set():
                 try:
                     sent = await self.publish_pending(channel)
+                    now = asyncio.get_running_loop().time()
+                    if now - last_declare > 5:
+                        last_declare = now
+                        await self.declare_orgs(channel)
+                except TopologyError as exc:
+                    log.error("topology refused by the broker: %s", exc)
+                    continue
                 except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
                     log.warning("outbox publish failed, will retry: %s", type(exc).__name__)
                     await asyncio.sleep(1)  # sleep-ok: back off while the robust channel reconnects
                     continue
-                now = asyncio.get_running_loop().time()
-                if now - last_declare > 5:
-                    await self.declare_orgs(channel)
-                    last_declare = now
                 if sent:
                     continue
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    waiter = asyncio.ensure_future(stop.wait())
-                    try:
-                        await asyncio.wait_for(
-                            asyncio.wait(
-                                [waiter, asyncio.ensure_future(self._wake.wait())],
-                                return_when=asyncio.FIRST_COMPLETED,
-                            ),
-                            self._poll,
-                        )
-                    finally:
+                waiters = [
+                    asyncio.ensure_future(stop.wait()),
+                    asyncio.ensure_future(self._wake.wait()),
+                ]
+                try:
+                    await asyncio.wait(
+                        waiters, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    for waiter in waiters:
                         waiter.cancel()
         finally:
             await connection.close()

@@ -289,3 +289,23 @@ async def _drop_demo_org(url: str, org: int) -> None:
             await channel.exchange_delete(exchange.name)
     finally:
         await connection.close()
+
+
+async def test_intake_keeps_storing_while_the_broker_is_away(tmp_path: Path) -> None:
+    service = Pipeline(tmp_path, "amqp://guest:guest@127.0.0.1:1/")  # nothing listens
+    service.setup(custom_action_deliver=True)
+    service.start()
+    try:
+        status, answer = await service.post("/api/actions", submission(service.page, 1))
+        assert status == 200
+        from sqlalchemy import func, select
+
+        from proca_sync.pipeline.state import outbox
+
+        with service.engine.connect() as conn:
+            pending = conn.execute(select(func.count()).select_from(outbox)
+                                   .where(outbox.c.published_at.is_(None))).scalar_one()
+        assert pending == 2  # the campaign's creation event and the delivery, kept
+    finally:
+        service.stop()
+        service.engine.dispose()
