@@ -8,8 +8,8 @@ submissions from C concurrent HTTP clients and times from the first request unti
 deliver messages are in ``cus.N.deliver`` (intake → state → outbox → broker, confirmed).
 The baseline, measured in the same run against the same process and client: ``GET
 /health`` at the same concurrency (the HTTP stack's ceiling on this machine). Writes
-``bench/results/pipeline.json`` and ``bench/results/pipeline.md`` (included in
-``BENCHMARKS.md`` by ``bench/report.py``) and regenerates ``BENCHMARKS.md``.
+``bench/results/pipeline.json`` and ``bench/results/pipeline.md`` and puts that
+section into ``BENCHMARKS.md`` (``bench/report.py`` includes it when it regenerates).
 """
 
 from __future__ import annotations
@@ -192,6 +192,25 @@ stack alone; the gap to it is the per-action transaction and message building.
 """
 
 
+def splice(path: Path, section: str) -> None:
+    """Put ``section`` into BENCHMARKS.md in place of an older one (else before "## Method").
+
+    ``bench/report.py`` includes ``bench/results/pipeline.md`` the same way when it
+    regenerates the file, so the two stay in step.
+    """
+    text = path.read_text()
+    heading = section.splitlines()[0]
+    if heading in text:
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section.rstrip() + "\n" + (text[end:] if end != -1 else "")
+    else:
+        marker = "## Method"
+        at = text.index(marker) if marker in text else len(text)
+        text = text[:at] + section.rstrip() + "\n\n" + text[at:]
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline")
     parser.add_argument("--n", type=int, default=5000)
@@ -216,10 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "pipeline.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        (RESULTS / "pipeline.md").write_text(markdown(doc))
-        from bench import report
-
-        report.main([])
+        section = markdown(doc)
+        (RESULTS / "pipeline.md").write_text(section)
+        splice(ROOT / "BENCHMARKS.md", section)
     return 0
 
 
