@@ -190,11 +190,11 @@ class GroupCommit:
                         results.append((future, work(conn), None))
                     except IntakeProblem as exc:
                         results.append((future, None, exc))
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 work, future = batch[0]
                 if not future.done():
-                    log.warning("intake transaction failed")
+                    log.warning("intake transaction failed: %s", type(exc).__name__)
                     future.set_exception(HTTPException(503, "state database unavailable"))
                 return
             for item in batch:  # alone, so only the culprit fails

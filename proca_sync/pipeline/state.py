@@ -237,6 +237,7 @@ def open_engine(url: str) -> Engine:
         url = url.replace("postgresql://", "postgresql+psycopg://", 1)
     engine = create_engine(
         url,
+        hide_parameters=True,  # SQL errors must not carry personal data into logs
         json_serializer=lambda value: orjson.dumps(value).decode(),
         json_deserializer=orjson.loads,
     )

@@ -376,3 +376,28 @@ def test_migrations_match_the_tables_and_run_on_both_databases(
         assert status == "delivered"
     finally:
         engine.dispose()
+
+
+def test_coalition_split_consent_and_per_org_encryption(tmp_path: Path) -> None:
+    """A partner's page in the lead's campaign: each org gets its own message, with its
+    own opt-in, encrypted only for the org that has a key (processing.md §6)."""
+    world = World(tmp_path, custom_action_deliver=True)  # org 766 leads campaign 9
+    admin.add_org(world.engine, org_id=800, name="partner", title="Partner",
+                  custom_action_deliver=True)
+    admin.add_page(world.engine, page_id=3000, name="partner/en", locale="en", campaign_id=9,
+                   org_id=800)
+    lead_key = KeyPair.generate()
+    admin.add_org_key(world.engine, 766, lead_key.public)
+    world.emitted()
+    world.submit(1, page=3000, privacy={"optIn": False, "leadOptIn": True})
+    sent = {exchange: body for exchange, _, body in world.emitted()}
+    assert set(sent) == {"org.800.deliver", "org.766.deliver"}
+    partner, lead = sent["org.800.deliver"], sent["org.766.deliver"]
+    assert partner["orgId"] == lead["orgId"] == 800  # the collecting org, in both
+    assert partner["privacy"]["optIn"] is False and lead["privacy"]["optIn"] is True
+    assert partner["personalInfo"] is None and partner["contact"]["lastName"] == "de Beauvoir"
+    assert lead["personalInfo"]["encryptKey"]["public"] == lead_key.public
+    assert "lastName" not in lead["contact"]
+    # Without lead consent and with the partner delivering, the lead gets nothing.
+    world.submit(2, page=3000, privacy={"optIn": True})
+    assert [exchange for exchange, _, _ in world.emitted()] == ["org.800.deliver"]
