@@ -296,7 +296,7 @@ async def test_intake_keeps_storing_while_the_broker_is_away(tmp_path: Path) -> 
     service.setup(custom_action_deliver=True)
     service.start()
     try:
-        status, answer = await service.post("/api/actions", submission(service.page, 1))
+        status, _answer = await service.post("/api/actions", submission(service.page, 1))
         assert status == 200
         from sqlalchemy import func, select
 
