@@ -28,7 +28,7 @@ from typing import Any
 
 import aio_pika
 import aiormq.abc
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from sqlalchemy import Engine, exists, select, update
 
 from proca_sync.pipeline.state import campaigns, orgs, outbox
@@ -87,6 +87,7 @@ class OutboxPublisher:
         *,
         batch: int = 500,
         chunk: int = 50,
+        confirm_timeout: float = 30.0,
         poll_interval: float = 0.5,
         retry_delay_ms: int = DEFAULT_RETRY_DELAY_MS,
     ) -> None:
@@ -94,6 +95,7 @@ class OutboxPublisher:
         self._url = amqp_url
         self._batch = batch
         self._chunk = chunk
+        self._confirm_timeout = confirm_timeout
         self._poll = poll_interval
         self._retry_delay_ms = retry_delay_ms
         self._wake = asyncio.Event()
@@ -110,8 +112,10 @@ class OutboxPublisher:
         """Publish until ``stop`` is set.
 
         An unreachable broker is not fatal: the intake keeps storing (that is the point of
-        the outbox) and the publisher reconnects with a growing delay (≤ 10 s). Refused
-        credentials and a topology the broker refuses are configuration errors: raised.
+        the outbox) and the publisher opens a new connection with a growing delay
+        (≤ 10 s) after any broker error or a confirm that does not come within
+        ``confirm_timeout``. Refused credentials and a topology the broker refuses are
+        configuration errors: raised.
         """
         delay = 1.0
         while not stop.is_set():
@@ -119,42 +123,57 @@ class OutboxPublisher:
                 await self._session(stop)
                 return
             except (aio_pika.exceptions.ProbableAuthenticationError, TopologyError):
-                raise
-            except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+                if not self.ready.is_set():
+                    raise
+                log.error("outbox publisher: the broker refused the configuration")
+            except (
+                aio_pika.exceptions.AMQPError,
+                aio_pika.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+                OSError,
+            ) as exc:
                 log.warning(
                     "broker unavailable (%s); the outbox keeps the messages, retrying in %.0f s",
                     type(exc).__name__,
                     delay,
                 )
                 self.ready.set()  # the intake works without the broker
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being stopped
+                # aiormq cancels the futures of a connection the broker closed.
+                log.warning("broker connection lost; the outbox keeps the messages")
+            except Exception as exc:
+                # Never die silently: the outbox would stop being sent.
+                log.error("outbox publisher error (%s); starting over", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
 
     async def _session(self, stop: asyncio.Event) -> None:
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            self._url, client_properties={"connection_name": "proca-sync pipeline outbox"}
+        """One connection: declare, then publish until ``stop``; any broker error ends it."""
+        # A plain connection: after any broker error the session ends and run() opens a
+        # new one (a robust channel could leave publishes waiting for a reconnect that
+        # never completes; here every wait is bounded).
+        connection = await aio_pika.connect(
+            self._url,
+            timeout=10,
+            client_properties={"connection_name": "proca-sync pipeline outbox"},
         )
         try:
             channel = await connection.channel(publisher_confirms=True)
             self._exchanges.clear()
+            self._declared.clear()
             await self.declare_orgs(channel)
             self.ready.set()
             last_declare = asyncio.get_running_loop().time()
             while not stop.is_set():
-                try:
-                    sent = await self.publish_pending(channel)
-                    now = asyncio.get_running_loop().time()
-                    if now - last_declare > 5:
-                        last_declare = now
-                        await self.declare_orgs(channel)
-                except TopologyError as exc:
-                    log.error("topology refused by the broker: %s", exc)
-                    continue
-                except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
-                    log.warning("outbox publish failed, will retry: %s", type(exc).__name__)
-                    await asyncio.sleep(1)  # sleep-ok: back off while the robust channel reconnects
-                    continue
+                sent = await self.publish_pending(channel)
+                now = asyncio.get_running_loop().time()
+                if now - last_declare > 5:
+                    last_declare = now
+                    await self.declare_orgs(channel)
                 if sent:
                     continue
                 self._wake.clear()
@@ -170,7 +189,8 @@ class OutboxPublisher:
                     for waiter in waiters:
                         waiter.cancel()
         finally:
-            await connection.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
 
     async def declare_orgs(self, channel: AbstractChannel) -> None:
         """Declare the topology of every org whose flags changed since the last call."""
@@ -220,7 +240,9 @@ class OutboxPublisher:
 
         for start in range(0, len(rows), self._chunk):
             chunk = rows[start : start + self._chunk]
-            results = await asyncio.gather(*(send(row) for row in chunk))
+            results = await asyncio.wait_for(
+                asyncio.gather(*(send(row) for row in chunk)), self._confirm_timeout
+            )
             with self._engine.begin() as conn:
                 conn.execute(
                     update(outbox)

@@ -309,3 +309,19 @@ async def test_intake_keeps_storing_while_the_broker_is_away(tmp_path: Path) -> 
     finally:
         service.stop()
         service.engine.dispose()
+
+
+async def test_publisher_recovers_from_a_cut_connection(pipeline: Pipeline) -> None:
+    from tests.integration.conftest import close_connections_named
+
+    pipeline.setup(custom_action_deliver=True)
+    pipeline.start()
+    await pipeline.post("/api/actions", submission(pipeline.page, 0))
+    assert len(await pipeline.drain(deliver_queue(pipeline.org), expect=1)) == 1
+    # Every pipeline under test has this connection name: cut them all, ours included.
+    assert await asyncio.to_thread(close_connections_named, "proca-sync pipeline outbox") >= 1
+    for n in range(1, 21):
+        status, _ = await pipeline.post("/api/actions", submission(pipeline.page, n))
+        assert status == 200
+    delivered = bodies(await pipeline.drain(deliver_queue(pipeline.org), expect=20, within=60))
+    assert len({m["actionId"] for m in delivered}) == 20, pipeline.log.read_text()[-3000:]
