@@ -528,6 +528,11 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
     if ANALYSIS.exists() and not s.get("quick"):
         out += [ANALYSIS.read_text().rstrip().format_map(analysis_values(doc)), ""]
 
+    # The pipeline's intake benchmark (python -m bench.pipeline) writes its own section.
+    pipeline_section = results_dir / "pipeline.md"
+    if pipeline_section.exists():
+        out += [pipeline_section.read_text().rstrip(), ""]
+
     out += [
         "## Method",
         "",

@@ -27,6 +27,6 @@ fi
 stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[postgres,workers]' --group dev
+  .venv/bin/python -m pip install -q -e '.[postgres,pipeline,workers]' --group dev
   rm -f .venv/.installed-* && touch "$stamp"
 fi

@@ -13,6 +13,7 @@ from proca_sync.cli import (
     destinations,
     keys,
     parked,
+    pipeline,
     push,
     replay,
     worker,
@@ -24,7 +25,9 @@ from proca_sync.pipeline.commands import simulate, topology_app
 __all__ = ["ExitCode", "app", "configure_logging", "main", "read_bodies"]
 
 # The modules register their commands on ``app`` when imported.
-_COMMAND_MODULES = (replay, keys, crm, consumer, parked, demo, push, destinations, config, worker)
+_COMMAND_MODULES = (
+    replay, keys, crm, consumer, parked, demo, push, destinations, config, pipeline, worker,
+)  # fmt: skip
 
 app.add_typer(topology_app, name="topology", help="Declare and inspect an org's Proca queues.")
 app.command("simulate")(simulate)

@@ -51,13 +51,24 @@ def demo(
             "demo created is reset, any other is refused).",
         ),
     ] = DEFAULT_CRM_URL,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline",
+            help="Run the processing pipeline instead: HTTP intake → supporter "
+            "confirmation → delivery → sync.",
+        ),
+    ] = False,
     env_file: EnvFileOption = None,
 ) -> None:
     """The main job on a local RabbitMQ: simulated Proca traffic synced into the embedded CRM.
 
     Declares a demo org, generates its key store, publishes encrypted actions and events
     (and a few malformed messages), runs the consumer until the queue is drained, then
-    summarises contacts, consent, statuses, actions and parked messages.
+    summarises contacts, consent, statuses, actions and parked messages. With
+    ``--pipeline`` the traffic comes from the pipeline itself: supporters are submitted to
+    its HTTP intake, confirmed (or rejected) through the links, one e-mail bounces, and
+    what the pipeline delivers and emits is synced.
     """
     from proca_sync.pipeline.demo import (
         DemoPlan,
@@ -86,22 +97,37 @@ def demo(
         raise die(str(exc), ExitStatus.CONFIG) from None
     out.print(f"demo org {org}: key store {plan.keys}", soft_wrap=True)
     started = time.monotonic()
-    result = asyncio.run(publish_demo_traffic(plan, key))
-    published = sum(result.published.values())
-    confirm = result.published.get("supporter_confirm", 0)
-    out.print(
-        f"published {published} messages in {time.monotonic() - started:.1f} s: "
-        f"{published - confirm} to {deliver_queue(org)} (what the sync reads)",
-        soft_wrap=True,
-    )
-    if confirm:
+    if pipeline:
+        from proca_sync.pipeline.demo import run_pipeline_demo
+
+        walked = asyncio.run(run_pipeline_demo(plan, key, supporters=min(actions, 200)))
         out.print(
-            f"  and {confirm} of stage supporter_confirm to Proca's confirm exchange: they "
-            "wait for the supporter's e-mail confirmation, which no one gives in the demo, "
-            f"so they never reach {deliver_queue(org)}"
-            + (f" ({result.unroutable} had no queue bound: dropped)" if result.unroutable else ""),
+            f"pipeline: {walked.submitted} supporters submitted over HTTP, "
+            f"{walked.confirmed} confirmed ({walked.double_opt_in} with double opt-in), "
+            f"{walked.rejected} rejected, {walked.bounced} bounced; {walked.published} "
+            f"messages published in {time.monotonic() - started:.1f} s"
+        )
+    else:
+        result = asyncio.run(publish_demo_traffic(plan, key))
+        published = sum(result.published.values())
+        confirm = result.published.get("supporter_confirm", 0)
+        out.print(
+            f"published {published} messages in {time.monotonic() - started:.1f} s: "
+            f"{published - confirm} to {deliver_queue(org)} (what the sync reads)",
             soft_wrap=True,
         )
+        if confirm:
+            out.print(
+                f"  and {confirm} of stage supporter_confirm to Proca's confirm exchange: they "
+                "wait for the supporter's e-mail confirmation, which no one gives in the demo, "
+                f"so they never reach {deliver_queue(org)}"
+                + (
+                    f" ({result.unroutable} had no queue bound: dropped)"
+                    if result.unroutable
+                    else ""
+                ),
+                soft_wrap=True,
+            )
     settings = consumer_settings(
         url=url,
         queue=deliver_queue(org),

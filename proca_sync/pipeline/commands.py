@@ -264,6 +264,17 @@ def simulate(
         int, typer.Option("--poison", min=0, help="Malformed messages of each kind.")
     ] = 0,
     url: UrlOption = DEFAULT_URL,
+    via_intake: Annotated[
+        str | None,
+        typer.Option(
+            "--via-intake",
+            help="Submit the supporters' actions to this pipeline intake (http://host:port) "
+            "instead of publishing messages; needs --page.",
+        ),
+    ] = None,
+    page: Annotated[
+        int | None, typer.Option("--page", min=1, help="Action page id for --via-intake.")
+    ] = None,
     env_file: Annotated[
         Path | None,
         typer.Option(
@@ -278,8 +289,13 @@ def simulate(
     """Publish realistic, invented Proca traffic for org N to its exchanges.
 
     Declare the topology first (``topology declare``): without bound queues the broker
-    drops the messages, as Proca's does.
+    drops the messages, as Proca's does. With ``--via-intake`` the same journeys go
+    through a ``proca-sync pipeline serve`` HTTP intake instead (events, v1 and poison
+    have no form and are skipped).
     """
+    if via_intake is not None:
+        _simulate_via_intake(org, actions, seed, rate, via_intake, page)
+        return
     org_key = None
     if keys is not None:
         try:
@@ -312,3 +328,31 @@ def simulate(
         out.print(
             f"[yellow]{unroutable} messages were unroutable (no queue bound) and dropped[/yellow]"
         )
+
+
+def _simulate_via_intake(
+    org: int, actions: int, seed: int, rate: float | None, base_url: str, page: int | None
+) -> None:
+    from proca_sync.pipeline.drive import intake_items, post_traffic
+
+    if page is None:
+        err.print("[red]error:[/red] --via-intake needs --page (an action page of the pipeline)")
+        raise typer.Exit(EXIT_CONFIG)
+    if urlsplit(base_url).scheme not in ("http", "https"):
+        err.print("[red]error:[/red] --via-intake takes an http(s):// URL")
+        raise typer.Exit(EXIT_CONFIG)
+    items, skipped = intake_items(plan_traffic(org, actions=actions, seed=seed), page)
+    report = asyncio.run(post_traffic(base_url, items, rate=rate))
+    table = Table(title=f"simulated submissions to {base_url} (seed {seed})")
+    table.add_column("kind")
+    table.add_column("submitted", justify="right")
+    for kind, count in sorted(report.counts.items()):
+        table.add_row(kind, str(count))
+    table.add_row("skipped (no intake form)", str(skipped))
+    out.print(table)
+    answers = ", ".join(
+        f"{status or 'no answer'}: {n}" for status, n in sorted(report.statuses.items())
+    )
+    out.print(f"HTTP answers: {answers}")
+    if set(report.statuses) - {200}:
+        raise typer.Exit(1)

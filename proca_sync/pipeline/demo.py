@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -29,7 +30,14 @@ from proca_sync.errors import ConfigError
 from proca_sync.pipeline.simulate import plan_traffic, publish_traffic
 from proca_sync.pipeline.topology import declare_test_org, deliver_queue, fail_queue
 
-__all__ = ["DemoPlan", "DemoResult", "prepare_files", "publish_demo_traffic"]
+__all__ = [
+    "DemoPlan",
+    "DemoResult",
+    "PipelineDemoResult",
+    "prepare_files",
+    "publish_demo_traffic",
+    "run_pipeline_demo",
+]
 
 DEMO_MARK = "demo"
 
@@ -151,3 +159,187 @@ async def wait_for_broker(url: str, *, attempts: int = 1) -> None:
         else:
             await connection.close()
             return
+
+
+# ---- demo --pipeline: intake → confirmation → delivery → sync ------------------------------
+
+
+@dataclass
+class PipelineDemoResult:
+    submitted: int = 0
+    confirmed: int = 0
+    double_opt_in: int = 0
+    rejected: int = 0
+    bounced: int = 0
+    published: int = 0
+
+
+def _fresh_state(path: Path) -> Path:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+    return path
+
+
+async def run_pipeline_demo(
+    plan: DemoPlan, key: KeyPair, *, supporters: int = 40, state_dir: Path = Path(".")
+) -> PipelineDemoResult:
+    """Run the pipeline in-process and walk supporters through it (no personal data out).
+
+    A fresh state (``proca-demo-pipeline.db``) for the demo org with supporter
+    confirmation by the org's own consumer and delivery to ``cus.N.deliver``; the org's
+    data is encrypted for ``key``. Supporters are submitted over HTTP; the demo plays the
+    org's confirmation consumer (accepts most through the link, some with ``doi=1``,
+    rejects every seventh) and reports one bounce through the signed webhook. Returns
+    when the outbox is fully published.
+    """
+    import aiohttp
+    import uvicorn
+    from sqlalchemy import func
+
+    from proca_sync.pipeline import admin
+    from proca_sync.pipeline.app import PipelineConfig, create_app, sign_webhook
+    from proca_sync.pipeline.confirm import supporter_links
+    from proca_sync.pipeline.instance import InstanceSecrets
+    from proca_sync.pipeline.state import migrate, open_engine, outbox
+    from proca_sync.pipeline.topology import supporter_confirm_queue
+
+    state = _fresh_state(state_dir / "proca-demo-pipeline.db")
+    secrets = InstanceSecrets.generate()
+    engine = open_engine(f"sqlite:///{state}")
+    migrate(engine)
+    admin.add_org(
+        engine,
+        org_id=plan.org,
+        name="demo_org",
+        title="Demo org",
+        custom_supporter_confirm=True,
+        custom_action_deliver=True,
+        custom_event_deliver=True,
+    )
+    admin.add_org_key(engine, plan.org, key.public)
+    admin.add_campaign(
+        engine, campaign_id=1, name="save_the_bees", title="Save the Bees", org_id=plan.org
+    )
+    admin.add_page(
+        engine,
+        page_id=1,
+        name="example.org/bees/en",
+        locale="en",
+        campaign_id=1,
+        org_id=plan.org,
+        location="https://example.org/bees",
+    )
+    config = PipelineConfig(
+        database=f"sqlite:///{state}",
+        secrets=secrets,
+        amqp_url=plan.url,
+        rate=0,
+        retry_delay_ms=plan.retry_delay_ms,
+    )
+    connection = await aio_pika.connect(plan.url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for name in (
+            deliver_queue(plan.org),
+            supporter_confirm_queue(plan.org),
+            fail_queue(plan.org),
+        ):
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
+                queue = await channel.get_queue(name, ensure=True)
+                await queue.purge()
+            if channel.is_closed:
+                channel = await connection.channel()
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    app = create_app(config, engine=engine)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    serving = asyncio.create_task(server.serve())
+    base = f"http://127.0.0.1:{port}"
+    result = PipelineDemoResult()
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as session:
+            for n in range(supporters):
+                body = {
+                    "actionPageId": 1,
+                    "action": {"actionType": "register", "customFields": {"source": "demo"}},
+                    "contact": {
+                        "firstName": f"Demo{n}",
+                        "lastName": "Supporter",
+                        "email": f"demo{n}@example.org",
+                        "address": {"country": "DE", "postcode": "10115"},
+                    },
+                    "privacy": {"optIn": n % 3 != 0},
+                    "tracking": {"source": "demo", "medium": "cli", "campaign": "demo"},
+                }
+                async with session.post(base + "/api/actions", json=body) as response:
+                    response.raise_for_status()
+                result.submitted += 1
+            # The org's own confirmation consumer, played by the demo.
+            connection = await aio_pika.connect(plan.url, timeout=10)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.get_queue(supporter_confirm_queue(plan.org), ensure=True)
+                handled = 0
+                deadline = asyncio.get_running_loop().time() + 30
+                while handled < supporters:
+                    message = await queue.get(fail=False)
+                    if message is None:
+                        if asyncio.get_running_loop().time() > deadline:
+                            break
+                        await asyncio.sleep(0.05)
+                        continue
+                    document = orjson.loads(message.body)
+                    action_id, ref = document["actionId"], document["contact"]["contactRef"]
+                    links = supporter_links(base, action_id, ref)
+                    if handled % 7 == 6:
+                        url, result.rejected = links.reject, result.rejected + 1
+                    elif handled % 2 == 0:
+                        url = links.accept + "?doi=1"
+                        result.confirmed += 1
+                        result.double_opt_in += 1
+                    else:
+                        url, result.confirmed = links.accept, result.confirmed + 1
+                    async with session.get(url) as response:
+                        response.raise_for_status()
+                    if handled == 0:
+                        report = orjson.dumps(
+                            {"events": [{"actionId": action_id, "event": "bounce"}]}
+                        )
+                        async with session.post(
+                            base + "/webhooks/email",
+                            data=report,
+                            headers={
+                                "Content-Type": "application/json",
+                                "X-Proca-Signature": sign_webhook(secrets.webhook_secret, report),
+                            },
+                        ) as response:
+                            response.raise_for_status()
+                        result.bounced += 1
+                    await message.ack()
+                    handled += 1
+        while True:  # until the outbox is fully published
+            with engine.connect() as conn:
+                pending = conn.execute(
+                    select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+                ).scalar_one()
+                result.published = conn.execute(
+                    select(func.count()).select_from(outbox)
+                ).scalar_one()
+            if pending == 0:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        server.should_exit = True
+        await serving
+        engine.dispose()
+    return result
