@@ -6,4 +6,5 @@ from __future__ import annotations
 
 DRIVERS: dict[str, str] = {
     # destination type → "tests.support.emulators.<vendor>" (the module defining DRIVER)
+    "hubspot": "tests.support.emulators.hubspot",
 }

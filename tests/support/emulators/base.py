@@ -54,11 +54,16 @@ class Fault:
     count: int | None = None
     until: float | None = None
     retry_after: float | None = None
+    path: str | None = None
+    """Only requests whose path starts with this (``None``: every request)."""
 
     def active(self, now: float) -> bool:
         if self.until is not None and now >= self.until:
             return False
         return self.count is None or self.count > 0
+
+    def applies(self, path: str) -> bool:
+        return self.path is None or path.startswith(self.path)
 
     def spend(self) -> None:
         if self.count is not None:
@@ -161,19 +166,29 @@ class Emulator:
         count: int | None = None,
         seconds: float | None = None,
         retry_after: float | None = None,
+        path: str | None = None,
     ) -> None:
         until = None if seconds is None else time.monotonic() + seconds
-        self.faults.append(Fault(status=status, count=count, until=until, retry_after=retry_after))
+        self.faults.append(
+            Fault(status=status, count=count, until=until, retry_after=retry_after, path=path)
+        )
 
     def stall(
-        self, seconds: float, *, count: int | None = None, for_seconds: float | None = None
+        self,
+        seconds: float,
+        *,
+        count: int | None = None,
+        for_seconds: float | None = None,
+        path: str | None = None,
     ) -> None:
         until = None if for_seconds is None else time.monotonic() + for_seconds
-        self.faults.append(Fault(stall=seconds, count=count, until=until))
+        self.faults.append(Fault(stall=seconds, count=count, until=until, path=path))
 
-    def reset_connections(self, *, count: int | None = None, seconds: float | None = None) -> None:
+    def reset_connections(
+        self, *, count: int | None = None, seconds: float | None = None, path: str | None = None
+    ) -> None:
         until = None if seconds is None else time.monotonic() + seconds
-        self.faults.append(Fault(reset=True, count=count, until=until))
+        self.faults.append(Fault(reset=True, count=count, until=until, path=path))
 
     def heal(self) -> None:
         self.faults.clear()
@@ -187,6 +202,8 @@ class Emulator:
         self.hits.append(Hit(request.method, request.path, 0, now))
         self.faults[:] = [f for f in self.faults if f.active(now)]
         for fault in list(self.faults):
+            if not fault.applies(request.path):
+                continue
             if fault.reset:
                 fault.spend()
                 assert request.transport is not None
@@ -199,7 +216,11 @@ class Emulator:
             await asyncio.sleep(self.latency)  # sleep-ok: the configured latency
         response: web.StreamResponse | None = None
         for fault in self.faults:
-            if fault.status is not None and fault.active(time.monotonic()):
+            if (
+                fault.status is not None
+                and fault.applies(request.path)
+                and fault.active(time.monotonic())
+            ):
                 fault.spend()
                 response = self.failed(fault)
                 break
