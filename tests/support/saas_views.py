@@ -17,6 +17,7 @@ from proca_sync.destinations.base import (
     Erasure,
     PushReport,
 )
+from proca_sync.sync.consent import NEGATIVE_STATUSES
 
 
 def contact(
@@ -134,3 +135,13 @@ async def push_until_done(
             )
         await asyncio.sleep(0.05)  # sleep-ok: the pusher's pause between rounds
     raise AssertionError("the push did not complete before the deadline")
+
+
+def subscription_of(contact: dict[str, Any]) -> str:
+    """``ContactView.subscription`` computed from a ``crm export`` contact."""
+    if contact.get("subscribed"):
+        return "subscribed"
+    status = contact.get("emailStatus")
+    if status in NEGATIVE_STATUSES or status not in {None, "active", "double_opt_in"}:
+        return "unsubscribed"
+    return "not_opted_in"

@@ -6,5 +6,6 @@ from __future__ import annotations
 
 DRIVERS: dict[str, str] = {
     # destination type → "tests.support.emulators.<vendor>" (the module defining DRIVER)
+    "activecampaign": "tests.support.emulators.activecampaign",
     "hubspot": "tests.support.emulators.hubspot",
 }

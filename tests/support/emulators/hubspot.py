@@ -22,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proca_sync.sync.consent import NEGATIVE_STATUSES
 from tests.support.emulators.base import Driver, Emulator, WindowLimit
+from tests.support.saas_views import subscription_of
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 KNOWN_PROPERTIES = {
@@ -448,16 +448,6 @@ class HubSpotEmulator(Emulator):
 
 
 SUBSCRIPTION = 9001
-
-
-def subscription_of(contact: dict[str, Any]) -> str:
-    """``ContactView.subscription`` computed from a ``crm export`` contact."""
-    if contact.get("subscribed"):
-        return "subscribed"
-    status = contact.get("emailStatus")
-    if status in NEGATIVE_STATUSES or status not in {None, "active", "double_opt_in"}:
-        return "unsubscribed"
-    return "not_opted_in"
 
 
 _STATE = {
