@@ -22,6 +22,7 @@ __all__ = ["TYPES", "destination_from_config"]
 
 TYPES: dict[str, str] = {
     # type key → "module:Class"; each connector adds its line.
+    "actionnetwork": "proca_sync.destinations.actionnetwork:ActionNetworkDestination",
     "activecampaign": "proca_sync.destinations.activecampaign:ActiveCampaignDestination",
     "hubspot": "proca_sync.destinations.hubspot:HubSpotDestination",
 }

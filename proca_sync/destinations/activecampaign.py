@@ -21,8 +21,9 @@ retry or a redelivery records nothing twice. Subscription: ``subscribed`` → st
 unless the list has the person unsubscribed (2 stays 2); ``unsubscribed`` → status 2;
 ``not_opted_in`` → the list is not touched (a new contact is not on it).
 
-Rate: 5 requests/s per account (429 + ``Retry-After``), and bulk imports at most 100 a
-minute (a second bucket).
+Rate: 5 requests/s per account (429 + ``Retry-After``); the default bucket sends 4.75/s
+so that network jitter does not push two requests into one second's sixth slot. Bulk
+imports at most 100 a minute (a second bucket).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class ActiveCampaignDestination:
                 name=self.name,
                 base_url=base,
                 headers={"Api-Token": self.config.api_key(), "Accept": "application/json"},
-                limiter=RateLimiter(self.config.rate or 5.0, self.config.burst or 1),
+                limiter=RateLimiter(self.config.rate or 4.75, self.config.burst or 1),
                 timeout=self.config.timeout,
             )
         return self._client

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 DRIVERS: dict[str, str] = {
     # destination type → "tests.support.emulators.<vendor>" (the module defining DRIVER)
+    "actionnetwork": "tests.support.emulators.actionnetwork",
     "activecampaign": "tests.support.emulators.activecampaign",
     "hubspot": "tests.support.emulators.hubspot",
 }
