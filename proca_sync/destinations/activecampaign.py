@@ -3,9 +3,10 @@ and action type.
 
 Per push:
 
-1. the list's unsubscribed contacts are read (``GET /api/3/contacts?listid=&status=2``,
-   100 a page) so that nobody who unsubscribed from the list is subscribed again — the
-   API itself would re-subscribe them (status 2 → 1);
+1. the list's unsubscribed contacts are known (``GET /api/3/contacts?listid=&status=2``,
+   in full now and then, incrementally by ``filters[updated_after]`` in between) so that
+   nobody who unsubscribed from the list is subscribed again — the API itself would
+   re-subscribe them (status 2 → 1);
 2. up to ``sync_threshold`` contacts (ActiveCampaign asks for the contacts API below ten):
    ``POST /api/3/contact/sync`` each, then ``POST /api/3/contactLists`` when the list
    status must change, then the missing tags (``GET /api/3/contacts/{id}/contactTags``,
@@ -32,6 +33,7 @@ import asyncio
 import builtins
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -67,6 +69,9 @@ class ActiveCampaignConfig(DestinationConfig):
     action_tag: str = "proca:{action_type}"
     sync_threshold: int = Field(default=10, ge=0)
     import_timeout: float = Field(default=300.0, gt=0)
+    unsubscribed_refresh: float = Field(
+        default=600.0, gt=0, description="Seconds between full reads of the unsubscribed."
+    )
 
 
 def tags_for(config: ActiveCampaignConfig, actions: Iterable[ActionView]) -> set[str]:
@@ -116,6 +121,9 @@ class ActiveCampaignDestination:
         self._imports = RateLimiter(100 / 60, 1)
         self._field_ids: dict[str, str] | None = None
         self._tag_ids: dict[str, str] = {}
+        self._unsub: set[str] = set()
+        self._unsub_read_at: float | None = None
+        self._unsub_full_at = 0.0
 
     @property
     def client(self) -> ApiClient:
@@ -186,29 +194,44 @@ class ActiveCampaignDestination:
         return resolved
 
     async def _unsubscribed(self) -> set[str]:
-        """E-mails the list has unsubscribed (status 2)."""
-        out: set[str] = set()
+        """E-mails the list has unsubscribed (status 2).
+
+        Read in full once (100 a page), then only the contacts updated since the last
+        read (``filters[updated_after]``, with a minute of overlap) on later pushes, and in
+        full again every ``unsubscribed_refresh`` seconds. An e-mail stays in the set until
+        the next full read, so the set errs on the side of not subscribing.
+        """
+        started = time.time()
+        full = self._unsub_read_at is None or started - self._unsub_full_at > (
+            self.config.unsubscribed_refresh
+        )
+        params = {"listid": str(self.config.list_id), "status": "2", "limit": str(PAGE)}
+        if not full:
+            assert self._unsub_read_at is not None
+            since = datetime.fromtimestamp(self._unsub_read_at - 60, tz=UTC)
+            params["filters[updated_after]"] = since.strftime("%Y-%m-%dT%H:%M:%S+00:00")
+        found: set[str] = set()
         offset = 0
         while True:
             response = await self.client.request(
-                "GET",
-                "/contacts",
-                params={
-                    "listid": str(self.config.list_id),
-                    "status": "2",
-                    "limit": str(PAGE),
-                    "offset": str(offset),
-                },
+                "GET", "/contacts", params={**params, "offset": str(offset)}
             )
             if not response.ok:
                 raise BackendUnavailableError(
                     f"{self.name}: list status read answered {response.status}"
                 )
             page = (response.body or {}).get("contacts") or []
-            out.update(str(c.get("email", "")).lower() for c in page)
+            found.update(str(c.get("email", "")).lower() for c in page)
             if len(page) < PAGE:
-                return out
+                break
             offset += PAGE
+        if full:
+            self._unsub = found
+            self._unsub_full_at = started
+        else:
+            self._unsub |= found
+        self._unsub_read_at = started
+        return self._unsub
 
     async def _tag_id(self, name: str) -> str:
         if name in self._tag_ids:
@@ -341,6 +364,8 @@ class ActiveCampaignDestination:
                     ),
                     "list status",
                 )
+                if status == 2:
+                    self._unsub.add(contact.email)
             wanted = tags_for(self.config, actions)
             if wanted:
                 have = await self._checked(
@@ -430,6 +455,8 @@ class ActiveCampaignDestination:
                 report.failed[contact.key] = exc
             return
         for contact in chunk:
+            if contact.email not in failures and contact.subscription == "unsubscribed":
+                self._unsub.add(contact.email)
             if contact.email in failures:
                 report.failed[contact.key] = DestinationRejectedError(
                     f"{self.name}: contact {contact.contact_id} failed the import",

@@ -125,6 +125,27 @@ async def test_unsubscribed_from_the_list_is_never_resubscribed(
     assert state(emu, "ada@example.org") == (2, ["proca:register", "proca:save_bees"])
 
 
+@pytest.mark.parametrize(
+    "threshold", [pytest.param(10, id="contact-sync"), pytest.param(0, id="bulk-import")]
+)
+async def test_unsubscribed_in_activecampaign_between_pushes_is_not_resubscribed(
+    emu: ActiveCampaignEmulator, threshold: int
+) -> None:
+    dest = make(emu, sync_threshold=threshold)
+    try:
+        await dest.push(batch([contact(1, "ada@example.org", subscribed=True)]))
+        await dest.push(batch([contact(2, "bob@example.org", subscribed=True)]))
+        reads = [h for h in emu.hits if h.path == "/api/3/contacts"]
+        emu.unsubscribe_in_app("ada@example.org")  # after the connector's last full read
+        await dest.push(
+            batch([contact(1, "ada@example.org", version=2, subscribed=True)], [action(11, 1)])
+        )
+    finally:
+        await dest.close()
+    assert len(reads) == 2  # the later reads are incremental (updated_after), one page each
+    assert state(emu, "ada@example.org") == (2, ["proca:register", "proca:save_bees"])
+
+
 async def test_existing_subscriber_not_unsubscribed_by_a_form_without_consent(
     emu: ActiveCampaignEmulator,
 ) -> None:

@@ -21,6 +21,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -59,6 +60,10 @@ class ActiveCampaignEmulator(Emulator):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._ids = 100
+
+    def touch(self, cid: str) -> None:
+        """Any change to a contact (fields, list status, tags) moves its ``udate``."""
+        self.contacts[cid]["udate"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
 
     def _next(self) -> str:
         self._ids += 1
@@ -124,6 +129,7 @@ class ActiveCampaignEmulator(Emulator):
             self.contacts[contact["id"]] = contact
         contact.update({k: v for k, v in values.items() if v is not None})
         contact["fields"].update(custom)
+        self.touch(contact["id"])
         return contact, created
 
     def _tag(self, name: str) -> str:
@@ -133,6 +139,13 @@ class ActiveCampaignEmulator(Emulator):
         tid = self._next()
         self.tags[tid] = name
         return tid
+
+    def unsubscribe_in_app(self, email: str) -> None:
+        """The person unsubscribes through ActiveCampaign (an unsubscribe link)."""
+        contact = self.by_email(email)
+        assert contact is not None
+        self.list_status[(contact["id"], str(LIST_ID))] = 2
+        self.touch(contact["id"])
 
     def tags_of(self, email: str) -> list[str]:
         contact = self.by_email(email)
@@ -171,6 +184,9 @@ class ActiveCampaignEmulator(Emulator):
             rows = [c for c in rows if (c["id"], lid) in self.list_status]
             if "status" in q and q["status"] != "-1":
                 rows = [c for c in rows if str(self.list_status[(c["id"], lid)]) == q["status"]]
+        if "filters[updated_after]" in q:
+            since = datetime.fromisoformat(q["filters[updated_after]"])
+            rows = [c for c in rows if datetime.fromisoformat(c["udate"]) > since]
         limit = min(100, int(q.get("limit", "20")))
         offset = int(q.get("offset", "0"))
         page = [self._public(c) for c in rows[offset : offset + limit]]
@@ -218,6 +234,7 @@ class ActiveCampaignEmulator(Emulator):
         if cid not in self.contacts or lid not in self.lists or status not in (1, 2):
             return _errors(422, "Invalid contactList", "invalid")
         self.list_status[(cid, lid)] = status  # 2 → 1 re-subscribes: the API allows it
+        self.touch(cid)
         return web.json_response(
             {
                 "contacts": [self._public(self.contacts[cid])],
@@ -259,6 +276,7 @@ class ActiveCampaignEmulator(Emulator):
         if cid not in self.contacts or tid not in self.tags:
             return _errors(422, "Invalid contactTag", "invalid")
         self.contact_tags.add((cid, tid))
+        self.touch(cid)
         return web.json_response(
             {"contactTag": {"contact": cid, "tag": tid, "id": f"{cid}-{tid}"}}, status=201
         )
@@ -328,6 +346,7 @@ class ActiveCampaignEmulator(Emulator):
             for sub in row.get("unsubscribe") or ():
                 if str(sub.get("listid")) in self.lists:
                     self.list_status[(contact["id"], str(sub["listid"]))] = 2
+            self.touch(contact["id"])
         job["status"] = "completed"
 
     async def import_info(self, request: web.Request) -> web.StreamResponse:
