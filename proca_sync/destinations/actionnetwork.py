@@ -8,7 +8,7 @@ names its ``osdi:record_submission_helper`` and ``osdi:submissions``, a petition
 ``osdi:record_signature_helper`` and ``osdi:signatures``, a person its ``self``.
 
 Per contact (the API has no batch endpoint; 4 requests/s per key — the default bucket
-sends 3.8/s, a margin for network jitter):
+sends 3.6/s, a 10 % margin for network jitter):
 
 1. the person is looked up by e-mail (``filter=email_address eq '…'``) to apply the
    e-mail status rules: ``subscribed`` → ``subscribed`` for a new person or a subscriber,
@@ -102,7 +102,7 @@ class ActionNetworkDestination:
                 name=self.name,
                 base_url=self.config.base_url or "https://actionnetwork.org/api/v2/",
                 headers={"OSDI-API-Token": self.config.api_key()},
-                limiter=RateLimiter(self.config.rate or 3.8, self.config.burst or 1),
+                limiter=RateLimiter(self.config.rate or 3.6, self.config.burst or 1),
                 timeout=self.config.timeout,
             )
         return self._client

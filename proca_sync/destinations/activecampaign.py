@@ -22,8 +22,8 @@ retry or a redelivery records nothing twice. Subscription: ``subscribed`` → st
 unless the list has the person unsubscribed (2 stays 2); ``unsubscribed`` → status 2;
 ``not_opted_in`` → the list is not touched (a new contact is not on it).
 
-Rate: 5 requests/s per account (429 + ``Retry-After``); the default bucket sends 4.75/s
-so that network jitter does not push two requests into one second's sixth slot. Bulk
+Rate: 5 requests/s per account (429 + ``Retry-After``); the default bucket sends 4.5/s
+(a 10 % margin, so network jitter does not squeeze six requests into one second). Bulk
 imports at most 100 a minute (a second bucket).
 """
 
@@ -135,7 +135,7 @@ class ActiveCampaignDestination:
                 name=self.name,
                 base_url=base,
                 headers={"Api-Token": self.config.api_key(), "Accept": "application/json"},
-                limiter=RateLimiter(self.config.rate or 4.75, self.config.burst or 1),
+                limiter=RateLimiter(self.config.rate or 4.5, self.config.burst or 1),
                 timeout=self.config.timeout,
             )
         return self._client
@@ -197,9 +197,10 @@ class ActiveCampaignDestination:
         """E-mails the list has unsubscribed (status 2).
 
         Read in full once (100 a page), then only the contacts updated since the last
-        read (``filters[updated_after]``, with a minute of overlap) on later pushes, and in
-        full again every ``unsubscribed_refresh`` seconds. An e-mail stays in the set until
-        the next full read, so the set errs on the side of not subscribing.
+        read (``filters[updated_after]``, two seconds of overlap for clock skew) on later
+        pushes, and in full again every ``unsubscribed_refresh`` seconds. An e-mail stays
+        in the set until the next full read, so the set errs on the side of not
+        subscribing.
         """
         started = time.time()
         full = self._unsub_read_at is None or started - self._unsub_full_at > (
@@ -208,7 +209,7 @@ class ActiveCampaignDestination:
         params = {"listid": str(self.config.list_id), "status": "2", "limit": str(PAGE)}
         if not full:
             assert self._unsub_read_at is not None
-            since = datetime.fromtimestamp(self._unsub_read_at - 60, tz=UTC)
+            since = datetime.fromtimestamp(self._unsub_read_at - 2, tz=UTC)
             params["filters[updated_after]"] = since.strftime("%Y-%m-%dT%H:%M:%S+00:00")
         found: set[str] = set()
         offset = 0

@@ -20,7 +20,7 @@ Per push (at most 100 contacts, HubSpot's batch size):
 4. erasures: ``POST /crm/v3/objects/contacts/gdpr-delete`` (404: already gone).
 
 Rate: HubSpot counts 100 requests per rolling 10 s (Free/Starter); the default bucket
-(9.5/s, burst 5) never sends more than 100 in any 10 s (set ``rate``/``burst`` for the
+(9/s, burst 5) never sends more than 95 in any 10 s (set ``rate``/``burst`` for the
 190 or 250 of higher tiers). A 429 pauses for the time the
 ``X-HubSpot-RateLimit-*`` headers imply; a response with ``-Remaining: 0`` pauses too.
 """
@@ -165,7 +165,7 @@ class HubSpotDestination:
     @property
     def client(self) -> ApiClient:
         if self._client is None:
-            limiter = RateLimiter(self.config.rate or 9.5, self.config.burst or 5)
+            limiter = RateLimiter(self.config.rate or 9.0, self.config.burst or 5)
             self._client = ApiClient(
                 name=self.name,
                 base_url=self.config.base_url or "https://api.hubapi.com",
