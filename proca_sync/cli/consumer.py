@@ -37,6 +37,15 @@ from proca_sync.cli.common import (
     out,
     quiet_amqp_logs,
 )
+from proca_sync.cli.config import (
+    DEFAULT_ERASURE_KEY,
+    ConfigOption,
+    ErasureKeyOption,
+    attach_erasure_key,
+    config_of,
+    destinations_of,
+)
+from proca_sync.cli.push import LeaseTtlOption
 from proca_sync.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -51,8 +60,17 @@ from proca_sync.consumer.browse import dump, peek, queue_status
 from proca_sync.consumer.intake import BrokerUnavailableError, IntakeError
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.runner import ExitStatus, serve
+from proca_sync.consumer.supervisor import Supervisor, parse_workers
 from proca_sync.crm import backend_from_url
+from proca_sync.crm.base import Backend
+from proca_sync.crm.sql import SqlBackend
 from proca_sync.crypto import Keystore
+from proca_sync.destinations.pusher import (
+    DEFAULT_LEASE_TTL,
+    Pusher,
+    PusherCollector,
+    alongside,
+)
 from proca_sync.errors import ConfigError
 from proca_sync.sync.records import Mode
 
@@ -62,8 +80,10 @@ app.add_typer(queue_app, name="queue")
 
 @app.command("run")
 def run_consumer(
+    ctx: typer.Context,
     queue: QueueOption,
     env_file: EnvFileOption = None,
+    config: ConfigOption = None,
     url: UrlOption = None,
     crm: Annotated[
         str,
@@ -147,6 +167,24 @@ def run_consumer(
         float, typer.Option(min=0.1, help="Seconds to let in-flight batches finish on shutdown.")
     ] = DEFAULT_SHUTDOWN_TIMEOUT,
     log_level: Annotated[str, typer.Option(envvar="PROCA_LOG_LEVEL", help="Log level.")] = "INFO",
+    workers: Annotated[
+        str,
+        typer.Option(
+            envvar="PROCA_WORKERS",
+            help="Consumer processes on the queue under one supervisor (a number, or auto: "
+            "one per core). Above 1 needs an order-independent CRM (SQL or null:).",
+        ),
+    ] = "1",
+    push: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--push",
+            help="Also push the CRM's changes to this destination ([destinations.NAME] of "
+            "the config file), continuously, woken by each commit (repeatable).",
+        ),
+    ] = None,
+    lease_ttl: LeaseTtlOption = DEFAULT_LEASE_TTL,
+    erasure_key: ErasureKeyOption = DEFAULT_ERASURE_KEY,
 ) -> None:
     """Consume a Proca queue into the CRM until stopped (SIGTERM/SIGINT: graceful; twice: now).
 
@@ -177,12 +215,25 @@ def run_consumer(
         shutdown_timeout=shutdown_timeout,
     )
     try:
+        processes = parse_workers(workers)
+    except ValueError as exc:
+        raise die(str(exc), ExitStatus.CONFIG) from None
+    if processes > 1 and crm.split(":", 1)[0].lower() in {"http", "https"}:
+        # Competing consumers do not keep one contact's messages on one process, and
+        # the webhook applies them in the order they arrive.
+        raise die(
+            "--workers above 1 needs the SQL or null: CRM: the webhook CRM must receive a "
+            "contact's messages in order, which only one worker guarantees",
+            ExitStatus.CONFIG,
+        )
+    try:
         settings.ssl_context()
         keystore = Keystore.load(keys) if keys is not None else None
         backend = backend_from_url(crm)
         parking = ParkingStore(parked)
     except ConfigError as exc:
         raise die(str(exc), ExitStatus.CONFIG) from None
+    pushers = _pushers(ctx, backend, push or [], lease_ttl=lease_ttl, erasure_key=erasure_key)
     console: Console | None = None
     if sys.stderr.isatty():
         from rich.logging import RichHandler
@@ -190,16 +241,37 @@ def run_consumer(
         console = err
         handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
         logging.getLogger("proca_sync").handlers[:] = [handler]
-    try:
-        status, stats = asyncio.run(
-            serve(settings, backend=backend, parking=parking, keystore=keystore, console=console)
-        )
-    except (IntakeError, ConfigError) as exc:
-        raise die(str(exc), ExitStatus.CONFIG) from None
-    except BrokerUnavailableError as exc:
-        raise die(str(exc), ExitStatus.FAILED) from None
-    if console is not None:
+    if processes > 1:
+        # The workers consume; this process pushes the destinations (under their lease),
+        # following the change log the workers write.
+        supervisor = Supervisor(
+            settings, workers=processes, keys=keys, log_level=log_level.upper(),
+            setup_logging=configure_logging, log_each=console is None,
+        )  # fmt: skip
+        code, all_stats = asyncio.run(alongside(supervisor.run(console=console), pushers))
+        totals = all_stats.totals()
+        status = ExitStatus(code)
+    else:
+        try:
+            status, stats = asyncio.run(
+                alongside(
+                    serve(
+                        settings,
+                        backend=backend,
+                        parking=parking,
+                        keystore=keystore,
+                        console=console,
+                        collectors=[PusherCollector(pushers)] if pushers else (),
+                    ),
+                    pushers,
+                )
+            )
+        except (IntakeError, ConfigError) as exc:
+            raise die(str(exc), ExitStatus.CONFIG) from None
+        except BrokerUnavailableError as exc:
+            raise die(str(exc), ExitStatus.FAILED) from None
         totals = stats.totals()
+    if console is not None:
         table = Table(title="proca-sync run", show_header=True)
         table.add_column("outcome")
         table.add_column("messages", justify="right")
@@ -209,6 +281,29 @@ def run_consumer(
             table.add_row(f"  {label}", str(count))
         out.print(table)
     raise typer.Exit(int(status))
+
+
+def _pushers(
+    ctx: typer.Context, backend: Backend, names: list[str], *, lease_ttl: float, erasure_key: Path
+) -> list[Pusher]:
+    """The pushers of ``run --push``, on the SQL CRM (which gets the erasure key)."""
+    if isinstance(backend, SqlBackend):
+        attach_erasure_key(backend, erasure_key, create=True)
+    if not names:
+        return []
+    if not isinstance(backend, SqlBackend):
+        raise die("--push needs the SQL CRM (sqlite:/// or postgresql://)", ExitStatus.CONFIG)
+    tables = config_of(ctx).destinations
+    return [
+        Pusher(
+            backend,
+            destination,
+            include_testing=bool(tables[destination.name].get("include_testing", False)),
+            batch_size=tables[destination.name].get("batch_size"),
+            lease_ttl=lease_ttl,
+        )
+        for destination in destinations_of(ctx, names)
+    ]
 
 
 @queue_app.command("status")

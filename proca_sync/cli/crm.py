@@ -17,6 +17,12 @@ from proca_sync.cli.common import (
     open_crm,
     out,
 )
+from proca_sync.cli.config import (
+    DEFAULT_ERASURE_KEY,
+    ConfigOption,
+    ErasureKeyOption,
+    attach_erasure_key,
+)
 from proca_sync.crm.sql import DEFAULT_URL
 from proca_sync.errors import ProcaSyncError
 
@@ -108,3 +114,30 @@ def crm_show(
     for entry in contact["emailStatusHistory"]:
         history.add_row(str(entry["status"]), str(entry["changedAt"]))
     out.print(history)
+
+
+@crm_app.command("forget")
+def crm_forget(
+    email: Annotated[str | None, typer.Argument(help="E-mail of the contact to erase.")] = None,
+    ref: Annotated[str | None, typer.Option("--ref", help="Contact ref instead.")] = None,
+    config: ConfigOption = None,
+    crm: CrmOption = DEFAULT_URL,
+    erasure_key: ErasureKeyOption = DEFAULT_ERASURE_KEY,
+) -> None:
+    """Erase a contact (right to erasure): its data, actions, consent and status history.
+
+    Keeps a tombstone without personal data (a keyed hash) so that an older redelivered
+    message does not bring the person back; the next `push` erases them from every
+    destination that supports it. Exit 1 when no contact matches.
+    """
+    if (email is None) == (ref is None):
+        raise fail("give an e-mail or --ref")
+    with open_crm(crm) as backend:
+        attach_erasure_key(backend, erasure_key, create=True)
+        try:
+            tombstone = backend.forget_sync(email=email, ref=ref)
+        except ProcaSyncError as exc:
+            raise fail(f"CRM: {exc}", ExitCode.REJECTED) from None
+    if tombstone is None:
+        raise fail("no contact matches", ExitCode.REJECTED)
+    out.print(f"erased: tombstone {tombstone}; `proca-sync push` propagates it to destinations")

@@ -25,8 +25,9 @@ from proca_sync.cli.common import (
     log,
     out,
 )
+from proca_sync.cli.config import DEFAULT_ERASURE_KEY, ErasureKeyOption, attach_erasure_key
 from proca_sync.crm import backend_from_url
-from proca_sync.crm.sql import DEFAULT_URL
+from proca_sync.crm.sql import DEFAULT_URL, SqlBackend
 from proca_sync.engine import Engine, Summary
 from proca_sync.errors import ConfigError, ProcaSyncError
 from proca_sync.sync.model import Options
@@ -156,6 +157,7 @@ def replay(
     skip_testing: SkipTestingOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     batch: Annotated[int, typer.Option(min=1, help="Records per CRM commit.")] = 500,
+    erasure_key: ErasureKeyOption = DEFAULT_ERASURE_KEY,
 ) -> None:
     """Run messages from files through the sync engine into the CRM.
 
@@ -169,6 +171,8 @@ def replay(
         backend = backend_from_url(crm)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    if isinstance(backend, SqlBackend):  # so that erased people stay erased
+        attach_erasure_key(backend, erasure_key, create=False)
     engine = Engine(
         backend=backend, keystore=keystore, options=Options(mode=mode, skip_testing=skip_testing)
     )

@@ -41,6 +41,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.types import JSON
 
 from proca_sync.crm.sql import create_store_engine
+from proca_sync.crm.sql.store import lock_schema, write_engine
 from proca_sync.engine import Engine
 from proca_sync.errors import BackendUnavailableError, ConfigError, PermanentError
 from proca_sync.sync.model import body_digest
@@ -138,6 +139,9 @@ class ParkingStore:
         self.engine, self.dialect = create_store_engine(
             url, what="parking store", synchronous="FULL"
         )
+        # Several consumer processes may share the store: SQLite writes take the lock
+        # up front, PostgreSQL creates the table under a lock.
+        self._writes = write_engine(self.engine)
         self.url = str(self.engine.url)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parking")
         self._ready = False
@@ -149,7 +153,8 @@ class ParkingStore:
         if self._ready:
             return
         try:
-            with self.engine.begin() as conn:
+            with self._writes.begin() as conn:
+                lock_schema(conn)
                 metadata.create_all(conn, checkfirst=True)
         except sa_exc.SQLAlchemyError as exc:
             raise ConfigError(f"parking store unusable ({type(exc).__name__})") from None
@@ -181,7 +186,7 @@ class ParkingStore:
         self.open_sync()
         now = _now()
         try:
-            with self.engine.begin() as conn:
+            with self._writes.begin() as conn:
                 for item in items:
                     digest = body_digest(item.body)
                     values = {

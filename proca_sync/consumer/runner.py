@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -97,6 +97,7 @@ class Consumer:
         stats: Stats | None = None,
         breaker: Breaker | None = None,
         log_each: bool = True,
+        on_idle: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = Engine(
@@ -109,6 +110,7 @@ class Consumer:
         self.breaker = breaker or Breaker()
         self.retry_mode = settings.effective_retry_mode
         self.log_each = log_each
+        self.on_idle = on_idle
         self.intake = Intake(settings, self._on_message)
         self.lanes: Lanes[Delivery] = Lanes()
         org = settings.proca_org
@@ -541,7 +543,12 @@ class Consumer:
                     idle_since = None
                 elif idle_since is None:
                     idle_since = now
-                elif now - idle_since >= self.settings.idle_seconds:
+                idle = idle_since is not None and now - idle_since >= self.settings.idle_seconds
+                if self.on_idle is not None:
+                    # One of several workers: the queue is drained when all of them say
+                    # so at once, and the supervisor stops them together.
+                    self.on_idle(idle)
+                elif idle:
                     self.request_stop("idle")
                     return
             if await self._sleep_or_stop(interval):
@@ -612,6 +619,7 @@ async def serve(
     parking: ParkingStore,
     keystore: Keystore | None = None,
     console: Console | None = None,
+    collectors: Sequence[Any] = (),
 ) -> tuple[ExitStatus, Stats]:
     """Run a :class:`Consumer` as a service: signals, ``/healthz``, the status line.
 
@@ -623,6 +631,8 @@ async def serve(
     consumer = Consumer(
         settings, backend=backend, parking=parking, keystore=keystore, log_each=console is None
     )
+    for collector in collectors:  # more metrics on /metrics (the destinations')
+        consumer.stats.registry.register(collector)
     loop = asyncio.get_running_loop()
     signals = 0
 

@@ -24,7 +24,9 @@ TYPES: dict[str, str] = {
     # type key → "module:Class"; each connector adds its line.
     "actionnetwork": "proca_sync.destinations.actionnetwork:ActionNetworkDestination",
     "activecampaign": "proca_sync.destinations.activecampaign:ActiveCampaignDestination",
+    "csv": "proca_sync.destinations.files:CsvDestination",
     "hubspot": "proca_sync.destinations.hubspot:HubSpotDestination",
+    "jsonl": "proca_sync.destinations.files:JsonlDestination",
 }
 
 

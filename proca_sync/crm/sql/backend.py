@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,10 +30,12 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    update,
 )
 from sqlalchemy import exc as sa_exc
 
 from proca_sync.crm.base import ApplyResult
+from proca_sync.crm.sql.changelog import TombstoneCheck, forget, upgrade
 from proca_sync.crm.sql.schema import (
     _OPT_IN_VALUES,
     SCHEMA_VERSION,
@@ -44,9 +48,22 @@ from proca_sync.crm.sql.schema import (
     email_status_history,
     meta_table,
     metadata,
+    tombstone_keys,
 )
-from proca_sync.crm.sql.store import _translate, create_store_engine
-from proca_sync.crm.sql.writer import _BatchWriter, _export_action, _RecordWriter, _Statements
+from proca_sync.crm.sql.store import (
+    _translate,
+    conflict,
+    create_store_engine,
+    lock_schema,
+    write_engine,
+)
+from proca_sync.crm.sql.writer import (
+    _BatchWriter,
+    _export_action,
+    _RecordWriter,
+    _Statements,
+    lock_batch,
+)
 from proca_sync.errors import (
     BackendRejectedError,
     BackendUnavailableError,
@@ -63,16 +80,37 @@ log = logging.getLogger("proca_sync.crm")
 ANALYSE_FIRST = 1_000
 """Records written before the first ANALYZE on PostgreSQL (then at 4×, 16×, …)."""
 DEFAULT_URL = "sqlite:///proca-crm.db"
+CONFLICT_RETRIES = 4
+"""Times a batch that clashed with another writer is tried again before the clash is
+raised (as a transient error, for the consumer's retry policy)."""
 
 
 class SqlBackend:
-    """The embedded CRM. One writer thread; SQLite in WAL mode or PostgreSQL."""
+    """The embedded CRM. One writer thread; SQLite in WAL mode or PostgreSQL.
+
+    Any number of processes may write into one database at once and reach the state
+    one process reaches (the merge does not depend on order): on SQLite a batch holds
+    the write lock from its first read (``BEGIN IMMEDIATE``); on PostgreSQL it locks
+    the keys it names and the contacts they lead to (:func:`~proca_sync.crm.sql.writer.
+    lock_batch`). A clash with another writer (deadlock, serialization failure, a busy
+    SQLite file, a key taken first) is tried again here a few times before it surfaces
+    as a :class:`~proca_sync.errors.BackendUnavailableError`.
+    """
 
     name = "sql"
 
-    def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, *, echo: bool = False, erasure_key: bytes | None = None
+    ) -> None:
         self.engine, self.dialect = create_store_engine(url, what="CRM", echo=echo)
+        self._writes = write_engine(self.engine)
+        self.tombstones = TombstoneCheck(erasure_key) if erasure_key else None
+        self.has_tombstones = False
+        self.commit_hooks: list[Callable[[], None]] = []
+        """Called (in the writer thread) after each commit that logged changes."""
         self.url = str(self.engine.url)
+        self.conflicts = 0
+        """Transactions tried again after a clash with another writer (for tests, bench)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-sql")
         self._campaign_stamps: dict[str, str] = {}
         self._statements = _Statements(self.dialect)
@@ -82,15 +120,25 @@ class SqlBackend:
 
     # ---- lifecycle --------------------------------------------------------------------
 
+    def attach_erasure_key(self, key: bytes) -> None:
+        """The key of the tombstones' hashes (see :mod:`proca_sync.crm.sql.changelog`)."""
+        self.tombstones = TombstoneCheck(key)
+
     async def open(self) -> None:
         await self._run(self.open_sync)
+        if self.has_tombstones and self.tombstones is None:
+            raise ConfigError(
+                "the CRM holds erased contacts: give the erasure key "
+                "(--erasure-key / PROCA_ERASURE_KEY_FILE) so they are not brought back"
+            )
 
     def open_sync(self) -> None:
         """Create the schema on first use and check its version."""
         if self._ready:
             return
         try:
-            with self.engine.begin() as conn:
+            with self._writes.begin() as conn:
+                lock_schema(conn)
                 metadata.create_all(conn, checkfirst=True)
                 version = conn.execute(
                     select(meta_table.c.value).where(meta_table.c.key == "schema_version")
@@ -104,6 +152,16 @@ class SqlBackend:
                         f"CRM schema version {version} is newer than this proca-sync "
                         f"({SCHEMA_VERSION}); upgrade proca-sync"
                     )
+                elif int(version) < SCHEMA_VERSION:
+                    upgrade(conn, int(version))
+                    conn.execute(
+                        update(meta_table)
+                        .where(meta_table.c.key == "schema_version")
+                        .values(value=str(SCHEMA_VERSION))
+                    )
+                self.has_tombstones = bool(
+                    conn.execute(select(tombstone_keys.c.hash).limit(1)).first()
+                )
         except sa_exc.SQLAlchemyError as exc:
             raise _translate(exc) from None
         self._ready = True
@@ -166,7 +224,7 @@ class SqlBackend:
 
     def _apply_isolating(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
         try:
-            return self._transaction(records)
+            return self._retrying(records)
         except Exception as exc:
             error = self._translate_any(exc)
             if not isinstance(error, PermanentError):
@@ -176,7 +234,7 @@ class SqlBackend:
         results: list[ApplyResult] = []
         for record in records:
             try:
-                results.extend(self._transaction([record]))
+                results.extend(self._retrying([record]))
             except Exception as exc:
                 error = self._translate_any(exc)
                 if not isinstance(error, PermanentError):
@@ -213,17 +271,61 @@ class SqlBackend:
             return BackendUnavailableError(f"database unavailable ({name})")
         raise exc
 
+    def _retrying(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
+        """:meth:`_transaction`, tried again (after a short random pause) while it
+        clashes with another writer, at most :data:`CONFLICT_RETRIES` times."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                return self._transaction(records)
+            except Exception as exc:
+                orig = getattr(exc, "orig", None) or exc
+                if attempt == CONFLICT_RETRIES or not conflict(orig):
+                    raise
+                self.conflicts += 1
+                self._campaign_stamps.clear()
+                # On the writer thread: the pause holds this batch only. Random, so two
+                # clashing writers do not meet again at once.
+                time.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+        raise AssertionError("unreachable")
+
     def _transaction(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
-        with self.engine.begin() as conn:
+        with self._writes.begin() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                batch = _BatchWriter(cursor, self._statements, self._campaign_stamps)
+                if self._statements.postgres:
+                    lock_batch(cursor, self._statements, records)
+                check = self.tombstones
+                batch = _BatchWriter(cursor, self._statements, self._campaign_stamps, check)
                 if batch.accepts(records):
-                    return batch.apply(records)
-                writer = _RecordWriter(cursor, self._statements, self._campaign_stamps)
-                return writer.apply(records)
+                    results = batch.apply(records)
+                else:
+                    writer = _RecordWriter(cursor, self._statements, self._campaign_stamps, check)
+                    results = writer.apply(records)
             finally:
                 cursor.close()
+        for hook in self.commit_hooks:
+            hook()
+        return results
+
+    # ---- erasure ----------------------------------------------------------------------
+
+    def forget_sync(self, *, email: str | None = None, ref: str | None = None) -> int | None:
+        """Erase one contact (see :func:`proca_sync.crm.sql.changelog.forget`); returns
+        the tombstone id, ``None`` when no contact holds that e-mail or ref. Needs the
+        erasure key (:class:`ConfigError` without)."""
+        self.open_sync()
+        if self.tombstones is None:
+            raise ConfigError("crm forget needs the erasure key")
+        key = normalise_email(email) if email is not None else None
+        try:
+            with self._writes.begin() as conn:
+                tombstone = forget(conn, self.tombstones, email=key, ref=ref)
+        except sa_exc.SQLAlchemyError as exc:
+            raise _translate(exc) from None
+        self.has_tombstones = self.has_tombstones or tombstone is not None
+        for hook in self.commit_hooks:
+            hook()
+        return tombstone
 
     # ---- reading ----------------------------------------------------------------------
 

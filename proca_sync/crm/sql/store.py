@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     create_engine,
     event,
@@ -33,7 +34,11 @@ def create_store_engine(
     """An engine for one of our SQL stores (CRM, parked messages) and its dialect name.
 
     SQLite runs in WAL mode with the given ``synchronous`` level and waits up to 15 s on
-    a lock (``?timeout=S`` in the URL overrides it); PostgreSQL connections are checked
+    a lock (``?timeout=S`` in the URL overrides it). Its transactions are begun by us,
+    not by the driver (which would run a transaction's reads outside of it and begin only
+    at the first write): reads see one snapshot, and a write transaction opened through
+    :func:`write_engine` takes the database's write lock at ``BEGIN IMMEDIATE``, so two
+    processes never interleave a read-merge-write. PostgreSQL connections are checked
     before use. Statement parameters never appear in errors or logs. Raises
     :class:`ConfigError` for an unusable URL or a missing driver.
     """
@@ -67,9 +72,38 @@ def create_store_engine(
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            # We emit BEGIN ourselves (SQLAlchemy's recipe for pysqlite transactions).
+            dbapi_connection.isolation_level = None
+
+        def begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         event.listen(engine, "connect", pragmas)
+        event.listen(engine, "begin", begin)
     return engine, dialect
+
+
+_WRITE_OPTION = "proca_write"
+
+
+def write_engine(engine: Engine) -> Engine:
+    """``engine`` for write transactions: on SQLite they begin with ``BEGIN IMMEDIATE``
+    (the write lock first, waiting up to the busy timeout), so that another process
+    cannot commit between this transaction's reads and its writes."""
+    return engine.execution_options(**{_WRITE_OPTION: True})
+
+
+SCHEMA_LOCK = 0x70726F6361_5C  # "proca\" — any constant shared by every process
+"""PostgreSQL advisory lock held while a store creates or checks its tables."""
+
+
+def lock_schema(conn: Connection) -> None:
+    """Serialise table creation between processes starting at once: PostgreSQL's
+    ``CREATE TABLE IF NOT EXISTS`` races on its catalogue (a unique violation in
+    ``pg_type``). SQLite's ``BEGIN IMMEDIATE`` already serialises it."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
 
 
 def _now() -> str:
@@ -78,10 +112,30 @@ def _now() -> str:
 
 def _translate(exc: sa_exc.SQLAlchemyError) -> Exception:
     """Map a database error to our tree, naming its class only (no parameters)."""
-    name = type(getattr(exc, "orig", None) or exc).__name__
+    orig = getattr(exc, "orig", None)
+    name = type(orig or exc).__name__
+    if conflict(orig or exc):
+        return BackendUnavailableError(f"concurrent write conflict ({name})")
     if isinstance(exc, sa_exc.DataError):
         return BackendRejectedError(f"database refused a value ({name})")
     if isinstance(exc, sa_exc.IntegrityError):
         # Another writer raced us on the same key: trying again sees its row.
         return BackendUnavailableError(f"concurrent write conflict ({name})")
     return BackendUnavailableError(f"database unavailable ({name})")
+
+
+CONFLICT_STATES = frozenset({"40001", "40P01"})
+"""PostgreSQL's serialization failure and deadlock: nothing is wrong with the data."""
+
+
+def conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` (a driver error) is a clash with another writer that trying the
+    same transaction again resolves: a PostgreSQL serialization failure or deadlock, a
+    unique key another transaction took first, a SQLite database busy or locked."""
+    state = getattr(exc, "sqlstate", None)
+    if state in CONFLICT_STATES or state == "23505":
+        return True
+    if type(exc).__module__.startswith("sqlite3") and type(exc).__name__ == "OperationalError":
+        text = str(exc)
+        return "locked" in text or "busy" in text
+    return False
