@@ -318,6 +318,12 @@ class ActionNetworkDestination:
         response = await self.client.request("POST", target["helper"], json=body, idempotent=False)
         if response.ok:
             return
+        if response.status == 404:  # the form or petition was deleted: find or create again
+            self._targets = {k: v for k, v in self._targets.items() if v is not target}
+            report.failed[action.key] = BackendUnavailableError(
+                f"{self.name}: the form or petition of action {action.action_id} is gone"
+            )
+            return
         if 400 <= response.status < 500:
             report.failed[action.key] = DestinationRejectedError(
                 f"{self.name}: record of action {action.action_id} refused ({response.status})",

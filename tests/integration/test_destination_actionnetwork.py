@@ -143,6 +143,22 @@ async def test_double_opt_in_subscribes_and_bounce_unsubscribes(
     assert emu.status_of("dee@example.org") == "unsubscribed"
 
 
+async def test_a_deleted_form_is_created_again(emu: ActionNetworkEmulator) -> None:
+    dest = make(emu)
+    try:
+        await dest.push(trio())
+        emu.petitions.clear()  # an organiser deleted the petition in Action Network
+        reports = await push_until_done(
+            dest, batch([contact(4, "dee@example.org", subscribed=True)], [action(41, 4)])
+        )
+    finally:
+        await dest.close()
+    first = reports[0]
+    assert first is not None and isinstance(first.failed[("action", "41")], TransientError)
+    assert len(emu.petitions) == 1
+    assert emu.records_of("dee@example.org", "signatures") == [41]
+
+
 async def test_refused_address(emu: ActionNetworkEmulator) -> None:
     dest = make(emu)
     try:

@@ -174,6 +174,25 @@ async def test_redelivery_and_a_large_batch_in_bulk(emu: ActiveCampaignEmulator)
     assert state(emu, "p2@example.org")[0] is None
 
 
+async def test_double_opt_in_subscribes_then_bounce_unsubscribes(
+    emu: ActiveCampaignEmulator,
+) -> None:
+    dest = make(emu)
+    try:
+        await dest.push(batch([contact(1, "ada@example.org")], [action(11, 1)]))
+        assert state(emu, "ada@example.org")[0] is None  # not opted in: not on the list
+        await dest.push(
+            batch(
+                [contact(1, "ada@example.org", version=2, status="double_opt_in", subscribed=True)]
+            )
+        )
+        assert state(emu, "ada@example.org")[0] == 1
+        await dest.push(batch([contact(1, "ada@example.org", version=3, status="bounce")]))
+    finally:
+        await dest.close()
+    assert state(emu, "ada@example.org")[0] == 2
+
+
 async def test_refused_addresses(emu: ActiveCampaignEmulator) -> None:
     dest = make(emu, sync_threshold=0)
     bad = batch(
