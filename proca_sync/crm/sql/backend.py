@@ -55,6 +55,7 @@ from proca_sync.crm.sql.store import (
     conflict,
     create_store_engine,
     lock_schema,
+    missing_database,
     write_engine,
 )
 from proca_sync.crm.sql.writer import (
@@ -133,7 +134,12 @@ class SqlBackend:
             )
 
     def open_sync(self) -> None:
-        """Create the schema on first use and check its version."""
+        """Create the schema on first use and check its version.
+
+        Raises :class:`ConfigError` when the PostgreSQL database does not exist or the
+        schema is newer than this code; :class:`BackendUnavailableError` when the
+        database is down or locked (transient).
+        """
         if self._ready:
             return
         try:
@@ -163,7 +169,8 @@ class SqlBackend:
                     conn.execute(select(tombstone_keys.c.hash).limit(1)).first()
                 )
         except sa_exc.SQLAlchemyError as exc:
-            raise _translate(exc) from None
+            # A database that does not exist is a typo, not an outage: refuse to start.
+            raise (missing_database(exc, what="CRM") or _translate(exc)) from None
         self._ready = True
 
     async def close(self) -> None:
