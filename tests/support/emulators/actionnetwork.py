@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,10 @@ class ActionNetworkEmulator(Emulator):
     forms: dict[str, dict[str, Any]] = field(default_factory=dict)
     petitions: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
+    """Addresses this group refuses, for the parking tests."""
+    created: Counter[str] = field(default_factory=Counter)
+    """Submissions and signatures recorded per Proca action id (at most 1 when idempotent)."""
 
     def authorised(self, request: web.Request) -> bool:
         return request.headers.get("OSDI-API-Token") == self.token
@@ -202,7 +207,8 @@ class ActionNetworkEmulator(Emulator):
         body = await request.json()
         data = body.get("person") or {}
         addresses = data.get("email_addresses") or []
-        if not addresses or not EMAIL.match(str(addresses[0].get("address", "")).strip()):
+        raw = str(addresses[0].get("address", "")).strip() if addresses else ""
+        if not EMAIL.match(raw) or raw.lower() in self.refused:
             return _err(400, "A valid email address is required")
         email = str(addresses[0]["address"]).strip().lower()
         status = addresses[0].get("status")
@@ -386,6 +392,9 @@ class ActionNetworkEmulator(Emulator):
                 "identifiers": idents,
             }
         )
+        for ident in idents:
+            if ident.startswith("proca:") and ident.count(":") == 1:
+                self.created[ident.split(":", 1)[1]] += 1
         self._apply_tags(person["id"], data.get("add_tags") or ())
         return _hal(
             {"identifiers": idents, "_links": {"self": {"href": self.href(f"{kind}/{rid}")}}}
@@ -424,10 +433,16 @@ class ActionNetworkDriver(Driver):
                 "country": postal.get("country"),
                 "status": person["email_addresses"][0]["status"],
                 "tags": emulator.tags_of(email),
-                "submissions": emulator.records_of(email, "submissions"),
-                "signatures": emulator.records_of(email, "signatures"),
             }
-        return {"people": out}
+        activities: dict[str, list[Any]] = {}
+        emails = {p["id"]: p["email_addresses"][0]["address"] for p in emulator.people.values()}
+        for record in emulator.records:
+            for ident in record["identifiers"]:
+                if ident.startswith("proca:") and ident.count(":") == 1:
+                    activities.setdefault(ident.split(":", 1)[1], []).append(
+                        [emails.get(record["person"]), record["kind"]]
+                    )
+        return {"contacts": out, "activities": activities}
 
     def expected(self, export: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         testing = bool(config.get("include_testing"))
@@ -435,18 +450,18 @@ class ActionNetworkDriver(Driver):
         action_tag = config.get("action_tag", "proca:{action_type}")
         petition_types = config.get("petition_types", ["register", "petition"])
         out = {}
+        activities: dict[str, list[Any]] = {}
         for c in export["contacts"]:
             if not c.get("email") or (c.get("testing") and not testing):
                 continue
-            tags, submissions, signatures = set(), [], []
+            tags = set()
             for a in c.get("actions") or ():
                 if a.get("testing") and not testing:
                     continue
                 tags.add(campaign_tag.format(campaign=a["campaign"]))
                 tags.add(action_tag.format(action_type=a["actionType"]))
-                (signatures if a["actionType"] in petition_types else submissions).append(
-                    int(a["actionId"])
-                )
+                kind = "signatures" if a["actionType"] in petition_types else "submissions"
+                activities[str(a["actionId"])] = [[c["email"], kind]]
             sub = subscription_of(c)
             out[c["email"]] = {
                 "given_name": c.get("firstName") or None,
@@ -455,10 +470,13 @@ class ActionNetworkDriver(Driver):
                 "country": c.get("country") or None,
                 "status": "subscribed" if sub == "subscribed" else "unsubscribed",
                 "tags": sorted(tags),
-                "submissions": sorted(submissions),
-                "signatures": sorted(signatures),
             }
-        return {"people": out}
+        return {"contacts": out, "activities": activities}
+
+    def refuse(self, emulator: Emulator, email: str) -> None:
+        """Make the group refuse this address (the parking test)."""
+        assert isinstance(emulator, ActionNetworkEmulator)
+        emulator.call(lambda: emulator.refused.add(email.strip().lower()))
 
 
 DRIVER = ActionNetworkDriver()

@@ -56,6 +56,8 @@ class ActiveCampaignEmulator(Emulator):
     tags: dict[str, str] = field(default_factory=dict)
     contact_tags: set[tuple[str, str]] = field(default_factory=set)
     imports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set)
+    """Addresses this account refuses, for the parking tests."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,7 +197,7 @@ class ActiveCampaignEmulator(Emulator):
     async def sync(self, request: web.Request) -> web.StreamResponse:
         body = (await request.json()).get("contact") or {}
         email = str(body.get("email", ""))
-        if not EMAIL.match(email.strip()):
+        if not EMAIL.match(email.strip()) or email.strip().lower() in self.refused:
             return _errors(
                 422, "Email address is not valid.", "email_invalid", "/data/attributes/email"
             )
@@ -322,7 +324,7 @@ class ActiveCampaignEmulator(Emulator):
         job = self.imports[batch_id]
         for row in rows:
             email = str(row.get("email", ""))
-            if not EMAIL.match(email.strip()):
+            if not EMAIL.match(email.strip()) or email.strip().lower() in self.refused:
                 job["failure"].append(email)
                 continue
             custom = {
@@ -423,6 +425,11 @@ class ActiveCampaignDriver(Driver):
                 "tags": sorted(tags),
             }
         return {"contacts": out}
+
+    def refuse(self, emulator: Emulator, email: str) -> None:
+        """Make the account refuse this address (the parking test)."""
+        assert isinstance(emulator, ActiveCampaignEmulator)
+        emulator.call(lambda: emulator.refused.add(email.strip().lower()))
 
 
 DRIVER = ActiveCampaignDriver()

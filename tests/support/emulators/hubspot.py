@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,10 @@ class HubSpotEmulator(Emulator):
     statuses: dict[tuple[str, int], str] = field(default_factory=dict)
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
+    """Addresses this account refuses (``INVALID_EMAIL``), for the parking tests."""
+    created: Counter[str] = field(default_factory=Counter)
+    """Notes created per Proca action id (never above 1 for an idempotent client)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -214,7 +219,7 @@ class HubSpotEmulator(Emulator):
                     )
                 )
                 continue
-            if not EMAIL.match(email):
+            if not EMAIL.match(email) or email in self.refused:
                 errors.append(
                     _item_error(
                         "VALIDATION_ERROR",
@@ -312,6 +317,8 @@ class HubSpotEmulator(Emulator):
                 continue
             nid = self._next_id()
             note = {"id": nid, "properties": dict(props), "contacts": set(targets)}
+            for marker in MARKER.findall(str(props.get("hs_note_body", ""))):
+                self.created[marker] += 1
             self.notes[nid] = note
             result: dict[str, Any] = {"id": nid, "properties": dict(props), "archived": False}
             if trace is not None:
@@ -490,19 +497,23 @@ class HubSpotDriver(Driver):
                 "properties": props,
                 "subscription": emulator.statuses.get((email, SUBSCRIPTION), "NOT_SPECIFIED"),
             }
-        notes = []
+        activities: dict[str, list[Any]] = {}
         for note in emulator.notes.values():
-            for cid in sorted(note["contacts"]):
-                for action_id in MARKER.findall(note["properties"]["hs_note_body"]):
-                    notes.append([by_id[cid], int(action_id), note["properties"]["hs_timestamp"]])
-        return {"contacts": contacts, "notes": sorted(notes)}
+            for action_id in MARKER.findall(note["properties"]["hs_note_body"]):
+                entry = [
+                    sorted(by_id[c] for c in note["contacts"] if c in by_id),
+                    note["properties"]["hs_timestamp"],
+                ]
+                activities.setdefault(action_id, []).append(entry)
+        return {"contacts": contacts, "activities": activities}
 
     def expected(self, export: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         from proca_sync.destinations.hubspot import DEFAULT_PROPERTIES
 
         mapping = config.get("properties") or DEFAULT_PROPERTIES
         testing = bool(config.get("include_testing"))
-        contacts, notes = {}, []
+        contacts: dict[str, Any] = {}
+        activities: dict[str, list[Any]] = {}
         for c in export["contacts"]:
             if not c.get("email") or (c.get("testing") and not testing):
                 continue
@@ -520,8 +531,13 @@ class HubSpotDriver(Driver):
             for a in c.get("actions") or ():
                 if a.get("testing") and not testing:
                     continue
-                notes.append([c["email"], int(a["actionId"]), a["createdAt"]])
-        return {"contacts": contacts, "notes": sorted(notes)}
+                activities[str(a["actionId"])] = [[[c["email"]], a["createdAt"]]]
+        return {"contacts": contacts, "activities": activities}
+
+    def refuse(self, emulator: Emulator, email: str) -> None:
+        """Make the account refuse this address (the parking test)."""
+        assert isinstance(emulator, HubSpotEmulator)
+        emulator.call(lambda: emulator.refused.add(email.strip().lower()))
 
 
 DRIVER = HubSpotDriver()
