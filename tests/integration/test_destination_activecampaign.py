@@ -11,7 +11,12 @@ from proca_sync.destinations import destination_from_config
 from proca_sync.destinations.activecampaign import ActiveCampaignDestination
 from proca_sync.destinations.base import Batch, DestinationRejectedError, Erasure
 from proca_sync.errors import ConfigError
-from tests.support.emulators.activecampaign import DRIVER, LIST_ID, ActiveCampaignEmulator
+from tests.support.emulators.activecampaign import (
+    DRIVER,
+    FIELD_MAPPING,
+    LIST_ID,
+    ActiveCampaignEmulator,
+)
 from tests.support.emulators.base import WindowLimit
 from tests.support.saas_views import action, batch, contact, push_until_done
 
@@ -32,7 +37,7 @@ async def emu(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ActiveCampaignEm
 def make(emu: ActiveCampaignEmulator, **extra: Any) -> ActiveCampaignDestination:
     """The destination; faster than the account's 5/s unless a test sets ``rate``
     (``rate=None``: the connector's default) — the emulator here has no quota."""
-    table = {**DRIVER.config(emu), "rate": 200.0, **extra}
+    table = {**DRIVER.config(emu), "fields": FIELD_MAPPING, "rate": 200.0, **extra}
     if table["rate"] is None:
         del table["rate"]
     destination = destination_from_config("ac", table)

@@ -403,6 +403,8 @@ class ActionNetworkEmulator(Emulator):
 
 class ActionNetworkDriver(Driver):
     type = "actionnetwork"
+    rate_limit = 4.0
+    """The documented requests per second (the emulator's quota when rate-limited)."""
     key_env = "PROCA_TEST_ACTIONNETWORK_KEY"
     key = "an-test-key-0123"
 

@@ -466,6 +466,8 @@ _STATE = {
 
 class HubSpotDriver(Driver):
     type = "hubspot"
+    rate_limit = 10.0
+    """The documented requests per second (100 per rolling 10 s, Free/Starter)."""
     key_env = "PROCA_TEST_HUBSPOT_TOKEN"
     key = "pat-na1-test-token"
 
