@@ -17,7 +17,9 @@ Per push (at most 100 contacts, HubSpot's batch size):
    or retried action is not noted twice. Contacts the upsert reports ``new`` have no notes
    yet and are not read. The create itself is sent once (``idempotent=False``): after a
    timeout or a 5xx its actions are reported transient and looked up again next push;
-4. erasures: ``POST /crm/v3/objects/contacts/gdpr-delete`` (404: already gone).
+4. erasures: the notes this connector wrote on the contact are archived
+   (``/crm/v3/objects/notes/batch/archive``), then
+   ``POST /crm/v3/objects/contacts/gdpr-delete`` (404: already gone).
 
 Rate: HubSpot counts 100 requests per rolling 10 s (Free/Starter); the default bucket
 (9/s, burst 5) never sends more than 95 in any 10 s (set ``rate``/``burst`` for the
@@ -31,6 +33,7 @@ import builtins
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
+from urllib.parse import quote
 
 from pydantic import Field
 
@@ -375,8 +378,9 @@ class HubSpotDestination:
                     code=_error_code(body),
                 )
 
-    async def _noted(self, contact_ids: Iterable[str]) -> set[int]:
-        """Action ids already noted on these HubSpot contacts."""
+    async def _our_notes(self, contact_ids: Iterable[str]) -> dict[str, set[int]]:
+        """The notes this connector wrote on these HubSpot contacts: note id → the
+        action ids its marker names."""
         note_ids: list[str] = []
         for chunk in _chunks(sorted(set(contact_ids)), BATCH):
             response = await self._call(
@@ -390,7 +394,7 @@ class HubSpotDestination:
                 )
             for result in (response.body or {}).get("results") or ():
                 note_ids.extend(str(to["toObjectId"]) for to in result.get("to") or ())
-        seen: set[int] = set()
+        ours: dict[str, set[int]] = {}
         for chunk in _chunks(sorted(set(note_ids)), BATCH):
             response = await self._call(
                 "POST",
@@ -401,7 +405,16 @@ class HubSpotDestination:
                 raise BackendUnavailableError(f"{self.name}: notes read answered {response.status}")
             for result in (response.body or {}).get("results") or ():
                 body = str((result.get("properties") or {}).get("hs_note_body") or "")
-                seen.update(int(m) for m in _MARKER.findall(body))
+                marks = {int(m) for m in _MARKER.findall(body)}
+                if marks:
+                    ours[str(result["id"])] = marks
+        return ours
+
+    async def _noted(self, contact_ids: Iterable[str]) -> set[int]:
+        """Action ids already noted on these HubSpot contacts."""
+        seen: set[int] = set()
+        for marks in (await self._our_notes(contact_ids)).values():
+            seen |= marks
         return seen
 
     def _note(self, action: ActionView, batch: Batch, hid: str) -> dict[str, Any]:
@@ -481,8 +494,30 @@ class HubSpotDestination:
                 )
 
     async def _erase(self, erasure: Erasure, report: PushReport) -> None:
+        """Archive the notes this connector wrote on the contact, then GDPR-delete it."""
         key: ItemKey = erasure.key
         try:
+            found = await self._call(
+                "GET",
+                f"/crm/v3/objects/contacts/{quote(erasure.email, safe='')}",
+                params={"idProperty": "email"},
+                what="GET /crm/v3/objects/contacts/{email}",
+            )
+            if found.status == 404:
+                return  # HubSpot does not have the address: nothing to erase
+            if not found.ok:
+                raise BackendUnavailableError(f"{self.name}: contact read answered {found.status}")
+            ours = await self._our_notes([str(found.body["id"])])
+            for chunk in _chunks(sorted(ours), BATCH):
+                archived = await self._call(
+                    "POST",
+                    "/crm/v3/objects/notes/batch/archive",
+                    json={"inputs": [{"id": nid} for nid in chunk]},
+                )
+                if not archived.ok:
+                    raise BackendUnavailableError(
+                        f"{self.name}: notes archive answered {archived.status}"
+                    )
             response = await self._call(
                 "POST",
                 "/crm/v3/objects/contacts/gdpr-delete",

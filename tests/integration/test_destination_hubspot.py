@@ -234,6 +234,7 @@ async def test_erasure_through_gdpr_delete(emu: HubSpotEmulator) -> None:
     assert report.failed == {}
     assert emu.by_email("ada@example.org") is None
     assert emu.deleted == ["ada@example.org"]
+    assert sorted(DRIVER.snapshot(emu)["activities"]) == ["21", "31"]  # ada's notes archived
 
 
 async def test_driver_expected_matches_snapshot_after_a_push(emu: HubSpotEmulator) -> None:

@@ -138,6 +138,8 @@ class HubSpotEmulator(Emulator):
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/crm/v3/objects/contacts", self.list_contacts)
         app.router.add_post("/crm/v3/objects/contacts/batch/upsert", self.upsert)
+        app.router.add_get("/crm/v3/objects/contacts/{id}", self.get_contact)
+        app.router.add_post("/crm/v3/objects/notes/batch/archive", self.archive_notes)
         app.router.add_post("/crm/v3/objects/contacts/gdpr-delete", self.gdpr_delete)
         app.router.add_post("/crm/v3/objects/notes/batch/create", self.create_notes)
         app.router.add_post("/crm/v3/objects/notes/batch/read", self.read_notes)
@@ -259,6 +261,25 @@ class HubSpotEmulator(Emulator):
                 result["objectWriteTraceId"] = trace
             results.append(result)
         return self._batch(results, errors)
+
+    async def get_contact(self, request: web.Request) -> web.StreamResponse:
+        ident = request.match_info["id"]
+        if request.query.get("idProperty") == "email":
+            contact = self.by_email(ident)
+        else:
+            contact = self.contacts.get(ident)
+        if contact is None:
+            return _error("OBJECT_NOT_FOUND", "resource not found", 404)
+        return self._ok({k: v for k, v in contact.items() if k != "notes"})
+
+    async def archive_notes(self, request: web.Request) -> web.StreamResponse:
+        inputs = await self._inputs(request)
+        if isinstance(inputs, web.Response):
+            return inputs
+        for item in inputs:
+            self.notes.pop(str(item.get("id")), None)  # archiving an unknown id is a no-op
+        self._daily += 1
+        return web.Response(status=204, headers=self._rate_headers())
 
     async def gdpr_delete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
