@@ -22,9 +22,12 @@ __all__ = ["TYPES", "destination_from_config"]
 
 TYPES: dict[str, str] = {
     # type key → "module:Class"; each connector adds its line.
+    "actionnetwork": "proca_sync.destinations.actionnetwork:ActionNetworkDestination",
+    "activecampaign": "proca_sync.destinations.activecampaign:ActiveCampaignDestination",
     "brevo": "proca_sync.destinations.brevo:BrevoDestination",
     "civicrm": "proca_sync.destinations.civicrm:CivicrmDestination",
     "csv": "proca_sync.destinations.files:CsvDestination",
+    "hubspot": "proca_sync.destinations.hubspot:HubSpotDestination",
     "jsonl": "proca_sync.destinations.files:JsonlDestination",
     "mailchimp": "proca_sync.destinations.mailchimp:MailchimpDestination",
 }

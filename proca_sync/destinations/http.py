@@ -174,12 +174,18 @@ class ApiClient:
         headers: Mapping[str, str] | None = None,
         what: str | None = None,
         raw: bool = False,
+        idempotent: bool = True,
     ) -> ApiResponse:
         """Send one request under the rate limit; see the module docstring for retries.
 
         ``what`` names the request in errors and logs (a path template such as
         ``PUT /lists/{id}/members/{hash}``) when the real path holds personal data.
         ``raw`` keeps the body as bytes (an archive to download).
+
+        ``idempotent=False`` (a POST that creates a record: a note, a submission) sends it
+        once: after a 5xx, a timeout or a reset the server may have applied it, so it is
+        not sent again here — the caller looks it up before trying again. A 429 (refused
+        before any work) is still retried.
         """
         await self.open()
         assert self._session is not None
@@ -224,6 +230,8 @@ class ApiClient:
                     )
                 else:
                     return response
+            if not idempotent:
+                break
             if attempt < self._attempts:
                 self.stats.retried += 1
                 await asyncio.sleep(random.uniform(0, delay))  # full jitter

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 DRIVERS: dict[str, str] = {
     # destination type → "tests.support.emulators.<vendor>" (the module defining DRIVER)
+    "actionnetwork": "tests.support.emulators.actionnetwork",
+    "activecampaign": "tests.support.emulators.activecampaign",
     "brevo": "tests.support.emulators.brevo",
     "civicrm": "tests.support.emulators.civicrm",
+    "hubspot": "tests.support.emulators.hubspot",
     "mailchimp": "tests.support.emulators.mailchimp",
 }

@@ -59,13 +59,13 @@ class Fault:
     path: str | None = None
     """Only requests whose path contains this (``None``: every request)."""
 
-    def applies(self, request: web.Request) -> bool:
-        return self.path is None or self.path in request.path
-
     def active(self, now: float) -> bool:
         if self.until is not None and now >= self.until:
             return False
         return self.count is None or self.count > 0
+
+    def applies(self, path: str) -> bool:
+        return self.path is None or self.path in path
 
     def spend(self) -> None:
         if self.count is not None:
@@ -225,7 +225,7 @@ class Emulator:
     ) -> web.StreamResponse:
         self.faults[:] = [f for f in self.faults if f.active(now)]
         for fault in list(self.faults):
-            if not fault.applies(request):
+            if not fault.applies(request.path):
                 continue
             if fault.reset:
                 fault.spend()
@@ -244,7 +244,7 @@ class Emulator:
         for fault in self.faults:
             if (
                 fault.status is not None
-                and fault.applies(request)
+                and fault.applies(request.path)
                 and fault.active(time.monotonic())
             ):
                 fault.spend()
