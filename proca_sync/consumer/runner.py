@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -83,6 +83,13 @@ def lane_hash(lane: str) -> str:
     return hashlib.blake2b(lane.encode(), digest_size=6).hexdigest()
 
 
+IntakeFactory = Callable[
+    [ConsumerSettings, Callable[[AbstractIncomingMessage], Awaitable[None]]], Intake
+]
+"""Builds the broker side from the settings and the delivery callback (tests pass an
+in-process stand-in)."""
+
+
 class Consumer:
     """Consumes ``settings.queue`` into ``backend`` until asked to stop."""
 
@@ -97,6 +104,7 @@ class Consumer:
         stats: Stats | None = None,
         breaker: Breaker | None = None,
         log_each: bool = True,
+        intake_factory: IntakeFactory = Intake,
     ) -> None:
         self.settings = settings
         self.engine = Engine(
@@ -109,7 +117,7 @@ class Consumer:
         self.breaker = breaker or Breaker()
         self.retry_mode = settings.effective_retry_mode
         self.log_each = log_each
-        self.intake = Intake(settings, self._on_message)
+        self.intake = intake_factory(settings, self._on_message)
         self.lanes: Lanes[Delivery] = Lanes()
         org = settings.proca_org
         self._fail_queue = fail_queue(org) if org is not None else None

@@ -1,0 +1,408 @@
+"""The consumer's runner without a broker: an in-process intake delivers, settles and
+records acks, so the rules of consumer/runner.py are checked on any machine.
+
+``LocalIntake`` is the real :class:`~proca_sync.consumer.intake.Intake` (its
+``AckBook``, ``flush``, ``reject`` and ``requeue`` run unchanged) with the connection
+replaced: deliveries come from the test and the channel records the frames it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proca_sync.config import ConsumerSettings, RetryMode
+from proca_sync.consumer.breaker import Breaker, BreakerState
+from proca_sync.consumer.intake import Intake
+from proca_sync.consumer.parking import ParkingStore
+from proca_sync.consumer.policy import ATTEMPTS_HEADER
+from proca_sync.consumer.runner import Consumer, lane_hash
+from proca_sync.crm.base import ApplyResult
+from proca_sync.errors import PermanentError, Reason, TransientError
+from proca_sync.sync.records import SyncRecord
+from tests.support.builders import action, dumps
+
+QUEUE = "cus.4242.deliver"  # a Proca org queue: retries go through the dead-letter circuit
+
+
+async def eventually(check: Callable[[], bool], *, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def failing(exc: BaseException) -> Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]:
+    """A scripted ``apply`` that raises ``exc``."""
+
+    def fail(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        raise exc
+
+    return fail
+
+
+# ---- the stand-ins: a channel that records frames, an intake without a connection -------
+
+
+@dataclass
+class Frame:
+    kind: str  # ack | reject | nack
+    tag: int
+    multiple: bool = False
+    applied_then: frozenset[str] = frozenset()
+    """Record keys whose ``apply`` had returned when the frame was sent."""
+
+
+class LocalChannel:
+    """The part of an AMQP channel the intake settles deliveries on."""
+
+    def __init__(self, backend: GatedBackend) -> None:
+        self.backend = backend
+        self.frames: list[Frame] = []
+        self.is_closed = False
+
+    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        self.frames.append(Frame("ack", tag, multiple, frozenset(self.backend.returned)))
+
+    async def basic_reject(self, tag: int, requeue: bool = True) -> None:
+        assert not requeue
+        self.frames.append(Frame("reject", tag))
+
+    async def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        self.frames.append(Frame("nack", tag))
+
+    def acked(self) -> set[int]:
+        """Every tag an ack frame covers (a multiple ack covers all tags up to its own)."""
+        tags: set[int] = set()
+        for frame in self.frames:
+            if frame.kind == "ack":
+                tags |= set(range(1, frame.tag + 1)) if frame.multiple else {frame.tag}
+        return tags
+
+
+@dataclass
+class LocalMessage:
+    """What aio-pika hands the consumer for one delivery (the attributes it reads)."""
+
+    body: bytes
+    delivery_tag: int
+    channel: LocalChannel
+    headers: dict[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    exchange: str = ""
+    routing_key: str = QUEUE
+    content_type: str | None = None
+    content_encoding: str | None = None
+
+
+class LocalIntake(Intake):
+    """:class:`Intake` with the broker connection replaced by :class:`LocalChannel`."""
+
+    channel_for: LocalChannel | None = None
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        on_message: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        super().__init__(settings, on_message)
+        assert LocalIntake.channel_for is not None
+        self.local = LocalIntake.channel_for
+        self.started = asyncio.Event()
+        self.republished: list[tuple[bytes, dict[str, Any]]] = []
+        self._next_tag = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def start(self) -> None:
+        self.started.set()
+
+    async def stop(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._books.clear()
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def probe(self, name: str) -> None:
+        return None
+
+    async def republish(self, delivery: Any, headers: Any) -> bool:
+        self.republished.append((delivery.body, dict(headers)))
+        return True
+
+    async def deliver(self, body: bytes, headers: dict[str, Any] | None = None) -> int:
+        """One delivery, as the broker would hand it to the consumer; its tag."""
+        self._next_tag += 1
+        await self._on_message(LocalMessage(body, self._next_tag, self.local, headers or {}))
+        return self._next_tag
+
+
+class GatedBackend:
+    """A CRM whose ``apply`` waits for the test to open its gate, then succeeds (or
+    answers what the test scripted)."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls: list[list[str]] = []
+        self.returned: set[str] = set()
+        self.script: list[Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]] = []
+        self.ping_ok = True
+        self.pings = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if not self.ping_ok:
+            raise TransientError("CRM still down")
+
+    async def apply(self, records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        self.calls.append([r.key for r in records])
+        await self.gate.wait()
+        results = self.script.pop(0)(records) if self.script else ["applied"] * len(records)
+        self.returned.update(
+            r.key for r, res in zip(records, results, strict=False) if res == "applied"
+        )
+        return results
+
+
+@dataclass
+class Rig:
+    consumer: Consumer
+    intake: LocalIntake
+    channel: LocalChannel
+    backend: GatedBackend
+    parking: ParkingStore
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    backend = GatedBackend()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(
+        queue=QUEUE, concurrency=2, batch_size=5, max_retries=2, status_interval=60,
+        consumer_tag="test",
+    )
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(
+        settings, backend=backend, parking=parking,
+        breaker=Breaker(threshold=1, base_delay=0.01, max_delay=0.05),
+        intake_factory=LocalIntake,
+    )
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    await asyncio.wait_for(intake.started.wait(), 10)
+    try:
+        yield Rig(consumer, intake, channel, backend, parking)
+    finally:
+        backend.gate.set()
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+
+
+PERSON = {"email": "ada.lovelace@example.org", "first": "Adelaide", "last": "Quixotic",
+          "postcode": "B-1040", "ref": "Zq7kPersonalRef0000000000000000000000000000"}
+
+
+def person_action(action_id: int, *, ref: str | None = None, email: str | None = None) -> bytes:
+    return dumps(action(
+        action_id, ref=ref or PERSON["ref"], email=email or PERSON["email"],
+        created=f"2024-03-01T10:00:{action_id % 60:02d}Z", first_name=PERSON["first"],
+        record={"lastName": PERSON["last"], "postcode": PERSON["postcode"]},
+    ))
+
+
+# ---- ack only after apply returned ---------------------------------------------------------
+
+
+async def test_acks_only_after_the_backend_apply_returned(rig: Rig) -> None:
+    tags = [await rig.intake.deliver(person_action(n, ref=f"r{n}".ljust(43, "x"),
+                                                   email=f"p{n}@example.org"))
+            for n in range(1, 5)]
+    await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    # apply is running (its gate closed): whatever the loop does meanwhile, no ack.
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert rig.channel.frames == []
+    rig.backend.gate.set()
+    await eventually(lambda: rig.channel.acked() >= set(tags), within=10, what="the acks")
+    applied = {key for call in rig.backend.calls for key in call}
+    assert len(applied) == len(tags)
+    for frame in rig.channel.frames:
+        assert frame.kind == "ack"
+        covered = set(range(1, frame.tag + 1)) if frame.multiple else {frame.tag}
+        # every message the frame acks was applied before it was sent
+        assert len(frame.applied_then) >= len(covered)
+    assert rig.consumer.stats.settled_total == len(tags)
+
+
+async def test_a_permanent_refusal_is_parked_before_its_ack(rig: Rig) -> None:
+    def refuse_first(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        return [PermanentError("refused", reason=Reason.CRM_REJECTED),
+                *["applied"] * (len(records) - 1)]
+
+    rig.backend.script.append(refuse_first)
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(person_action(7))
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    (entry,) = rig.parking.entries()
+    assert entry.reason == "crm_rejected"
+    assert rig.consumer.stats.settled_total == 1
+
+
+async def test_poison_is_parked_and_acked_without_reaching_the_crm(rig: Rig) -> None:
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(b"not json {")
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    assert rig.backend.calls == []
+    assert [e.reason for e in rig.parking.entries()] == ["invalid_json"]
+
+
+async def test_transient_failure_is_retried_through_the_dead_letter_circuit(rig: Rig) -> None:
+    """Breaker threshold 1: the failure opens it; the prober's ping closes it again via
+    one half-open probe message; nothing is acked before apply succeeded."""
+    rig.backend.script.append(failing(TransientError("down")))
+    rig.backend.ping_ok = False
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(person_action(8))
+    await eventually(lambda: rig.consumer.breaker.state is BreakerState.OPEN, within=10,
+                     what="the breaker to open")
+    await eventually(lambda: rig.backend.pings >= 2, within=10, what="failed probes")
+    assert rig.channel.frames == []  # held, not retried: the budget is kept
+    rig.backend.ping_ok = True
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    assert rig.consumer.breaker.state is BreakerState.CLOSED
+    assert len(rig.backend.calls) == 2
+    assert [f.kind for f in rig.channel.frames] == ["ack"]
+
+
+async def test_an_unexpected_batch_error_is_isolated_by_applying_singly(rig: Rig) -> None:
+    def fine(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        return ["applied"] * len(records)
+
+    rig.backend.script.extend([failing(RuntimeError("bug")), fine, failing(ValueError("this"))])
+    first = await rig.intake.deliver(person_action(9, ref="a".ljust(43, "x"), email="a@x.org"))
+    second = await rig.intake.deliver(person_action(10, ref="b".ljust(43, "x"), email="b@x.org"))
+    rig.backend.gate.set()
+    await eventually(lambda: first in rig.channel.acked(), within=10, what="the first ack")
+    await eventually(lambda: any(f.kind == "reject" and f.tag == second
+                                 for f in rig.channel.frames),
+                     within=10, what="the second rejected for a retry")
+    assert [len(c) for c in rig.backend.calls] == [2, 1, 1]
+    assert second not in rig.channel.acked()
+
+
+async def test_retries_exhausted_are_parked(rig: Rig) -> None:
+    rig.backend.script.append(failing(KeyError("a bug")))
+    rig.backend.gate.set()
+    # two earlier failed attempts recorded by the dead-letter circuit: max_retries reached
+    headers = {"x-death": [{"queue": QUEUE, "reason": "rejected", "count": 2}]}
+    tag = await rig.intake.deliver(person_action(11), headers)
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    assert [e.reason for e in rig.parking.entries()] == ["retries_exhausted"]
+
+
+async def test_one_lane_is_applied_in_order_never_two_at_once(rig: Rig) -> None:
+    tags = [await rig.intake.deliver(person_action(n)) for n in range(20, 24)]
+    rig.backend.gate.set()
+    await eventually(lambda: rig.channel.acked() >= set(tags), within=10, what="the acks")
+    keys = [key for call in rig.backend.calls for key in call]
+    assert [int(k.split(":")[1]) for k in keys] == [20, 21, 22, 23]
+    assert all(len(call) == 1 for call in rig.backend.calls)
+
+
+async def test_stop_hands_back_what_was_not_started(rig: Rig) -> None:
+    first = await rig.intake.deliver(person_action(30))
+    await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    second = await rig.intake.deliver(person_action(31))  # same lane: waits behind the first
+    rig.consumer.request_stop("test")
+    rig.backend.gate.set()
+    await eventually(lambda: first in rig.channel.acked(), within=10, what="the first ack")
+    await eventually(lambda: any(f.kind == "nack" and f.tag == second
+                                 for f in rig.channel.frames),
+                     within=10, what="the second handed back")
+    assert rig.consumer.stats.totals()["returned"] == 1
+
+
+# ---- no personal data in the log --------------------------------------------------------------
+
+
+async def test_logs_carry_no_personal_data_nor_the_raw_lane(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="proca_sync")
+
+    def refuse(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        return [PermanentError("refused", reason=Reason.CRM_REJECTED)] * len(records)
+
+    rig.backend.script.extend([lambda records: ["applied"] * len(records), refuse])
+    rig.backend.gate.set()
+    tags = []
+    for n, body in enumerate([person_action(40), person_action(41), b"not json {"]):
+        tags.append(await rig.intake.deliver(body))
+        if n == 0:
+            await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    await eventually(lambda: rig.channel.acked() >= set(tags), within=10, what="the acks")
+    lane = "ref:" + PERSON["ref"]
+    logged = [
+        (r.getMessage(), repr(getattr(r, "fields", None)))
+        for r in caplog.records if r.name.startswith("proca_sync")
+    ]
+    messages = [m for m, _ in logged if m.startswith(("ack", "park"))]
+    assert len(messages) == 3, logged  # one line per outcome was written
+    hashed = lane_hash(lane)
+    assert sum(hashed in fields for _, fields in logged) == 2  # the lane, hashed
+    text = "\n".join(m + " " + f for m, f in logged).lower()
+    for secret in [*PERSON.values(), lane]:
+        assert secret.lower() not in text
+
+
+# ---- local retries (no dead-letter circuit) -----------------------------------------------
+
+
+async def test_local_retry_republishes_with_one_more_attempt_then_acks(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    backend.script.append(failing(KeyError("a bug")))
+    backend.gate.set()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue="plain", retry_mode=RetryMode.LOCAL, retry_delay=0.01,
+                                max_retries=3, consumer_tag="test", status_interval=60)
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        body = person_action(50)
+        tag = await intake.deliver(body, {ATTEMPTS_HEADER: 1})
+        await eventually(lambda: tag in channel.acked(), within=10, what="the ack")
+        assert intake.republished == [(body, {ATTEMPTS_HEADER: 2})]
+        assert parking.entries() == []
+    finally:
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
