@@ -26,6 +26,7 @@ from proca_sync.consumer.policy import ATTEMPTS_HEADER
 from proca_sync.consumer.runner import Consumer, lane_hash
 from proca_sync.crm.base import ApplyResult
 from proca_sync.errors import PermanentError, Reason, TransientError
+from proca_sync.pipeline.topology import QueueState, fail_queue
 from proca_sync.sync.records import SyncRecord
 from tests.support.builders import action, dumps
 
@@ -118,6 +119,7 @@ class LocalIntake(Intake):
         self.local = LocalIntake.channel_for
         self.started = asyncio.Event()
         self.republished: list[tuple[bytes, dict[str, Any]]] = []
+        self.queues: dict[str, int] = {}  # ready messages per queue name; -1: missing
         self._next_tag = 0
 
     async def open(self) -> None:
@@ -136,8 +138,12 @@ class LocalIntake(Intake):
     def connected(self) -> bool:
         return True
 
-    async def probe(self, name: str) -> None:
-        return None
+    async def probe(self, name: str) -> QueueState | None:
+        """The queue's state as the test set it in ``queues`` (``None``: disconnected)."""
+        if name not in self.queues:
+            return None
+        messages = self.queues[name]
+        return QueueState(name, exists=messages >= 0, messages=max(messages, 0))
 
     async def republish(self, delivery: Any, headers: Any) -> bool:
         self.republished.append((delivery.body, dict(headers)))
@@ -407,3 +413,80 @@ async def test_local_retry_republishes_with_one_more_attempt_then_acks(tmp_path:
         consumer.request_stop("test")
         await asyncio.wait_for(task, 20)
         parking.engine.dispose()
+
+
+# ---- the monitor: depths, a missing queue, --exit-when-idle -----------------------------------
+
+
+async def test_exit_when_idle_stops_once_drained_and_settled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    backend = GatedBackend()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue=QUEUE, exit_when_idle=True, idle_seconds=0.3,
+                                consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    intake.queues = {QUEUE: 3, fail_queue(4242): 0}
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        tag = await intake.deliver(person_action(60))
+        await eventually(lambda: consumer.stats.depth == 3, within=10, what="the depth")
+        intake.queues[QUEUE] = -1  # the queue vanished: said once, then waited for
+        await eventually(lambda: any(getattr(r, "fields", {}).get("event") == "queue_missing"
+                                     for r in caplog.records), within=10, what="queue_missing")
+        intake.queues[QUEUE] = 0
+        # Queues empty, but the delivery is still being applied: longer than idle_seconds
+        # plus a monitor interval passes, and the consumer must not call that idle.
+        await asyncio.sleep(0.8)  # sleep-ok: the absence of a stop takes time to show
+        assert consumer.stop_reason == "" and not task.done()
+        intake.queues[fail_queue(4242)] = 2  # retries on their way back: not idle either
+        backend.gate.set()
+        await eventually(lambda: tag in channel.acked(), within=10, what="the ack")
+        await eventually(lambda: consumer.stats.fail_depth == 2, within=10,
+                         what="the fail queue depth")
+        await asyncio.sleep(0.8)  # sleep-ok: as above
+        assert consumer.stop_reason == "" and not task.done()
+        intake.queues[fail_queue(4242)] = 0
+        stats = await asyncio.wait_for(task, 20)
+    finally:
+        consumer.request_stop("test")
+        if not task.done():
+            await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+    assert consumer.stop_reason == "idle"
+    assert tag in channel.acked()
+    assert stats.totals()["in_flight"] == 0
+    missing = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "queue_missing"]
+    assert len(missing) == 1
+
+
+async def test_max_messages_stops_after_that_many_settled(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    backend.gate.set()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue="plain", max_messages=2, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        await intake.deliver(person_action(70))
+        await eventually(lambda: consumer.stats.settled_total == 1, within=10, what="one settled")
+        assert not task.done()
+        await intake.deliver(b"not json {")
+        await asyncio.wait_for(task, 20)
+    finally:
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+    assert consumer.stop_reason == "max_messages"
+    assert channel.acked() == {1, 2}
