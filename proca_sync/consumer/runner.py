@@ -620,6 +620,7 @@ async def serve(
     parking: ParkingStore,
     keystore: Keystore | None = None,
     console: Console | None = None,
+    intake_factory: IntakeFactory = Intake,
 ) -> tuple[ExitStatus, Stats]:
     """Run a :class:`Consumer` as a service: signals, ``/healthz``, the status line.
 
@@ -629,7 +630,8 @@ async def serve(
     :meth:`Consumer.run` raises before consuming.
     """
     consumer = Consumer(
-        settings, backend=backend, parking=parking, keystore=keystore, log_each=console is None
+        settings, backend=backend, parking=parking, keystore=keystore, log_each=console is None,
+        intake_factory=intake_factory,
     )
     loop = asyncio.get_running_loop()
     signals = 0

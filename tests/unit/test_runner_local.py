@@ -9,21 +9,27 @@ replaced: deliveries come from the test and the channel records the frames it is
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import os
+import signal
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from rich.console import Console
 
 from proca_sync.config import ConsumerSettings, RetryMode
 from proca_sync.consumer.breaker import Breaker, BreakerState
 from proca_sync.consumer.intake import Intake
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.policy import ATTEMPTS_HEADER
-from proca_sync.consumer.runner import Consumer, lane_hash
+from proca_sync.consumer.runner import Consumer, ExitStatus, lane_hash, serve
 from proca_sync.crm.base import ApplyResult
 from proca_sync.errors import PermanentError, Reason, TransientError
 from proca_sync.pipeline.topology import QueueState, fail_queue
@@ -108,6 +114,7 @@ class LocalIntake(Intake):
     """:class:`Intake` with the broker connection replaced by :class:`LocalChannel`."""
 
     channel_for: LocalChannel | None = None
+    last: LocalIntake | None = None
 
     def __init__(
         self,
@@ -115,6 +122,7 @@ class LocalIntake(Intake):
         on_message: Callable[[Any], Awaitable[None]],
     ) -> None:
         super().__init__(settings, on_message)
+        LocalIntake.last = self
         assert LocalIntake.channel_for is not None
         self.local = LocalIntake.channel_for
         self.started = asyncio.Event()
@@ -148,6 +156,15 @@ class LocalIntake(Intake):
     async def republish(self, delivery: Any, headers: Any) -> bool:
         self.republished.append((delivery.body, dict(headers)))
         return True
+
+    def reconnect(self) -> None:
+        """The connection was lost and restored: the old channel is closed, deliveries
+        come on a new one with tags from 1 again (aio-pika calls ``on_reconnect``)."""
+        self.local.is_closed = True
+        fresh = LocalChannel(self.local.backend)
+        self.local = fresh
+        self._next_tag = 0
+        self._reconnected()
 
     async def deliver(self, body: bytes, headers: dict[str, Any] | None = None) -> int:
         """One delivery, as the broker would hand it to the consumer; its tag."""
@@ -490,3 +507,81 @@ async def test_max_messages_stops_after_that_many_settled(tmp_path: Path) -> Non
         parking.engine.dispose()
     assert consumer.stop_reason == "max_messages"
     assert channel.acked() == {1, 2}
+
+
+# ---- a reconnect: stale deliveries are never acked on the new channel ----------------------
+
+
+async def test_reconnect_drops_stale_deliveries_and_acks_on_the_new_channel(rig: Rig) -> None:
+    old = rig.channel
+    first = await rig.intake.deliver(person_action(80))
+    await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    await rig.intake.deliver(person_action(81))  # same lane: waits behind the first
+    await rig.intake.deliver(person_action(82))
+    assert len(rig.consumer.lanes) == 3
+    rig.intake.reconnect()
+    # the two waiting deliveries are gone with their channel (the broker redelivers them)
+    assert len(rig.consumer.lanes) == 1
+    assert rig.consumer.stats.totals()["returned"] == 2
+    assert rig.consumer.stats.totals()["reconnects"] == 1
+    fresh = rig.intake.local
+    again = await rig.intake.deliver(person_action(81))
+    rig.backend.gate.set()
+    await eventually(lambda: again in fresh.acked(), within=10, what="the ack on the new channel")
+    await eventually(lambda: rig.consumer.stats.totals()["returned"] == 3, within=10,
+                     what="the stale first delivery counted as returned")
+    assert old.frames == []  # nothing was acked on the closed channel
+    assert first == again == 1 and fresh.acked() == {1}
+
+
+# ---- serve: signals, /healthz, the status line ------------------------------------------------
+
+
+async def test_serve_reports_health_shows_status_and_stops_on_sigterm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    backend = GatedBackend()
+    backend.gate.set()
+    LocalIntake.channel_for = LocalChannel(backend)
+    LocalIntake.last = None
+    settings = ConsumerSettings(queue=QUEUE, metrics_port=0, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=150)
+    task = asyncio.create_task(serve(settings, backend=backend, parking=parking,
+                                     console=console, intake_factory=LocalIntake))
+    try:
+        await eventually(lambda: LocalIntake.last is not None and LocalIntake.last.started.is_set(),
+                         within=10, what="the intake started")
+        intake = LocalIntake.last
+        assert intake is not None
+        tag = await intake.deliver(person_action(90))
+        await eventually(lambda: tag in intake.local.acked(), within=10, what="the ack")
+        (metrics,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "metrics"]
+        port = metrics.fields["port"]  # type: ignore[attr-defined]
+
+        def healthz() -> dict[str, Any]:
+            url = f"http://127.0.0.1:{port}/healthz"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                assert answer.status == 200
+                return dict(orjson.loads(answer.read()))
+
+        health = await asyncio.to_thread(healthz)
+        assert health["breaker"] == "closed"
+        await eventually(lambda: "acked 1" in screen.getvalue(), within=10,
+                         what="the live status line")
+        os.kill(os.getpid(), signal.SIGTERM)
+        status, stats = await asyncio.wait_for(task, 20)
+    finally:
+        if not task.done():
+            task.cancel()
+        parking.engine.dispose()
+    assert status is ExitStatus.OK
+    assert stats.settled_total == 1
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert "signal" in events and events[-1] == "stopped"
+    # with a console, outcomes are not logged one by one
+    assert "message" not in events
+    # the handlers are gone: the loop no longer catches SIGTERM
+    assert not asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
