@@ -41,7 +41,10 @@ fi
 
 jobs=${MUTATION_JOBS:-2}
 started=$(date +%s)
-nice -n 10 mutmut run --max-children "$jobs" "${patterns[@]}" | tail -n 5
+mkdir -p mutants
+nice -n 10 mutmut run --max-children "$jobs" "${patterns[@]}" > mutants/run.log 2>&1 ||
+  { tail -c 3000 mutants/run.log; exit 1; }
+tail -c 400 mutants/run.log | tr '\r' '\n' | tail -n 3
 echo "wall time: $(( $(date +%s) - started )) s with $jobs worker(s)"
 
 # Per-module score. Only AckBook (the ack bookkeeping) is in scope in consumer/intake.py:
