@@ -75,6 +75,7 @@ class LocalChannel:
         self.backend = backend
         self.frames: list[Frame] = []
         self.is_closed = False
+        self.broken = False
 
     async def basic_ack(self, tag: int, multiple: bool = False) -> None:
         self.frames.append(Frame("ack", tag, multiple, frozenset(self.backend.returned)))
@@ -84,6 +85,9 @@ class LocalChannel:
         self.frames.append(Frame("reject", tag))
 
     async def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        assert requeue
+        if self.broken:
+            raise RuntimeError("a bug in the channel")
         self.frames.append(Frame("nack", tag))
 
     def acked(self) -> set[int]:
@@ -186,12 +190,14 @@ class GatedBackend:
         self.script: list[Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]] = []
         self.ping_ok = True
         self.pings = 0
+        self.close_fails = False
 
     async def open(self) -> None:
         return None
 
     async def close(self) -> None:
-        return None
+        if self.close_fails:
+            raise OSError("close failed")
 
     async def ping(self) -> None:
         self.pings += 1
@@ -585,3 +591,47 @@ async def test_serve_reports_health_shows_status_and_stops_on_sigterm(
     assert "message" not in events
     # the handlers are gone: the loop no longer catches SIGTERM
     assert not asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+
+
+# ---- shutdown when things go wrong ---------------------------------------------------------
+
+
+async def test_shutdown_timeout_gives_up_on_a_hanging_crm_without_acking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    backend = GatedBackend()  # its gate never opens: apply hangs
+    backend.close_fails = True  # and closing it fails too
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue=QUEUE, shutdown_timeout=0.3, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        await intake.deliver(person_action(95))
+        await eventually(lambda: bool(backend.calls), within=10, what="apply called")
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 10)
+    finally:
+        parking.engine.dispose()
+    assert channel.frames == []  # never acked: the broker gets it back with the channel
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert "shutdown_timeout" in events and events[-1] == "stopped"
+    assert consumer.stop_reason == "test"
+
+
+async def test_a_failing_settlement_task_is_logged_once_and_the_run_goes_on(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="proca_sync")
+    rig.channel.broken = True
+    rig.consumer.request_stop("test")
+    await rig.intake.deliver(person_action(96))  # arrives while stopping: handed back
+    await eventually(lambda: any(getattr(r, "fields", {}).get("event") == "task_error"
+                                 for r in caplog.records), within=10, what="task_error")
+    errors = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "task_error"]
+    assert len(errors) == 1 and errors[0].fields["error"] == "RuntimeError"  # type: ignore[attr-defined]
