@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -83,6 +83,13 @@ def lane_hash(lane: str) -> str:
     return hashlib.blake2b(lane.encode(), digest_size=6).hexdigest()
 
 
+IntakeFactory = Callable[
+    [ConsumerSettings, Callable[[AbstractIncomingMessage], Awaitable[None]]], Intake
+]
+"""Builds the broker side from the settings and the delivery callback (tests pass an
+in-process stand-in)."""
+
+
 class Consumer:
     """Consumes ``settings.queue`` into ``backend`` until asked to stop."""
 
@@ -98,6 +105,7 @@ class Consumer:
         breaker: Breaker | None = None,
         log_each: bool = True,
         on_idle: Callable[[bool], None] | None = None,
+        intake_factory: IntakeFactory = Intake,
     ) -> None:
         self.settings = settings
         self.engine = Engine(
@@ -111,7 +119,7 @@ class Consumer:
         self.retry_mode = settings.effective_retry_mode
         self.log_each = log_each
         self.on_idle = on_idle
-        self.intake = Intake(settings, self._on_message)
+        self.intake = intake_factory(settings, self._on_message)
         self.lanes: Lanes[Delivery] = Lanes()
         org = settings.proca_org
         self._fail_queue = fail_queue(org) if org is not None else None
@@ -623,6 +631,7 @@ async def serve(
     keystore: Keystore | None = None,
     console: Console | None = None,
     collectors: Sequence[Any] = (),
+    intake_factory: IntakeFactory = Intake,
 ) -> tuple[ExitStatus, Stats]:
     """Run a :class:`Consumer` as a service: signals, ``/healthz``, the status line.
 
@@ -632,7 +641,8 @@ async def serve(
     :meth:`Consumer.run` raises before consuming.
     """
     consumer = Consumer(
-        settings, backend=backend, parking=parking, keystore=keystore, log_each=console is None
+        settings, backend=backend, parking=parking, keystore=keystore, log_each=console is None,
+        intake_factory=intake_factory,
     )
     for collector in collectors:  # more metrics on /metrics (the destinations')
         consumer.stats.registry.register(collector)

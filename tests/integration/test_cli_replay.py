@@ -234,3 +234,80 @@ def test_keys_generate_and_check(tmp_path: Path, padded: bool) -> None:
     other[public.rstrip("=")] = {"private": b64encode(bytes(32))}
     path.write_text(json.dumps(other))
     assert cli("keys", "check", str(path)).returncode == 2
+
+
+def refused_stream(tmp_path: Path) -> tuple[Path, list[bytes]]:
+    """Three actions; the CRM refuses the one of ``refused@example.org`` for good."""
+    lines = [
+        dumps(action(301, ref="A" * 43, email="kept.one@example.org", created="2024-05-01T00:00:00Z",
+                     first_name="Keptone", record={"lastName": "Firstperson", "postcode": "1000"})),
+        dumps(action(302, ref="B" * 43, email="refused@example.org", created="2024-05-01T00:00:00Z",
+                     first_name="Refusedname", record={"lastName": "Refusedlast",
+                                                       "postcode": "2000"})),
+        dumps(action(303, ref="C" * 43, email="kept.two@example.org", created="2024-05-01T00:00:00Z",
+                     first_name="Kepttwo", record={"lastName": "Secondperson",
+                                                   "postcode": "3000"})),
+    ]
+    stream = tmp_path / "refused.jsonl"
+    stream.write_bytes(b"\n".join(lines) + b"\n")
+    return stream, lines
+
+
+def check_refusal_printed_nothing_personal(
+    stream: Path, lines: list[bytes], crm: str
+) -> None:
+    secrets = personal_strings(lines) | {"A" * 43, "B" * 43, "C" * 43}
+    for extra in ([], ["--json"]):
+        result = cli("replay", str(stream), "--crm", crm, *extra)
+        assert result.returncode == 1, result.stderr
+        printed = result.stdout + result.stderr
+        assert "crm_rejected" in printed
+        for secret in secrets:
+            assert secret not in printed, f"personal data in replay output: {secret}"
+        if extra:
+            summary = json.loads(result.stdout)
+            assert summary["rejected"] == {"crm_rejected": 1}
+            assert summary["synced"] + summary["duplicates"] == 2
+
+
+def test_replay_into_a_webhook_crm_that_refuses_a_record_prints_no_personal_data(
+    tmp_path: Path,
+) -> None:
+    """The CRM answers 422 and echoes the record's e-mail addresses in its answer."""
+    from tests.support.crm_server import CrmServer
+
+    stream, lines = refused_stream(tmp_path)
+    with CrmServer() as server:
+        server.validation_error_for(
+            lambda payload: "refused@example.org" in json.dumps(payload)
+        )
+        check_refusal_printed_nothing_personal(stream, lines, server.url)
+        assert {r.status for r in server.received()} >= {422}
+
+
+@pytest.mark.postgres
+def test_replay_into_postgres_that_refuses_a_record_prints_no_personal_data(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL refuses the contact row with a data exception quoting the e-mail."""
+    import psycopg
+
+    from proca_sync.crm.sql import SqlBackend
+
+    with SqlBackend(pg_url):
+        pass  # the schema exists before the trigger
+    schema = pg_url.rsplit("%3D", 1)[1]
+    dsn = pg_url.split("?", 1)[0]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE FUNCTION "{schema}".refuse() RETURNS trigger AS $$ BEGIN '
+            "IF NEW.email = 'refused@example.org' THEN "
+            "RAISE EXCEPTION 'bad address %', NEW.email USING ERRCODE = '22023'; END IF; "
+            "RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        conn.execute(
+            f'CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON "{schema}".contacts '
+            f'FOR EACH ROW EXECUTE FUNCTION "{schema}".refuse()'
+        )
+    stream, lines = refused_stream(tmp_path)
+    check_refusal_printed_nothing_personal(stream, lines, pg_url)

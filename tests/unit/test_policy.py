@@ -263,3 +263,32 @@ def death(queue: str, reason: str, count: int) -> dict[str, Any]:
 )
 def test_attempts_of(headers: dict[str, Any] | None, expected: int) -> None:
     assert attempts_of(headers, Q) == expected
+
+
+# ---- what is logged and stored with each decision ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("result", "attempts", "closed", "detail"),
+    [
+        pytest.param("applied", 0, True, "", id="applied"),
+        pytest.param(Ignored(IgnoreReason.SYSTEM), 0, True, "", id="ignored"),
+        pytest.param(DecodeError("x", reason=Reason.INVALID_JSON), 0, True,
+                     "DecodeError: invalid_json: x", id="permanent"),
+        pytest.param(BackendUnavailableError("down"), 0, False,
+                     "BackendUnavailableError: down", id="held"),
+        pytest.param(BackendUnavailableError("down"), 1, True,
+                     "BackendUnavailableError: down", id="retry"),
+        pytest.param(KeyError("jane@example.org"), 1, True, "KeyError", id="retry-foreign"),
+        pytest.param(TransientError("locked"), 2, True,
+                     "after 3 attempt(s): TransientError: locked", id="exhausted"),
+    ],
+)
+def test_decision_detail(result: Any, attempts: int, closed: bool, detail: str) -> None:
+    decision = decide(result, attempts=attempts, max_retries=2, breaker_closed=closed)
+    assert decision.detail == detail
+
+
+def test_the_breaker_is_closed_unless_told() -> None:
+    assert decide(TransientError("x"), attempts=0, max_retries=1).outcome is Outcome.RETRY
+    assert decide(TransientError("x"), attempts=1, max_retries=1).outcome is Outcome.PARK

@@ -1,0 +1,637 @@
+"""The consumer's runner without a broker: an in-process intake delivers, settles and
+records acks, so the rules of consumer/runner.py are checked on any machine.
+
+``LocalIntake`` is the real :class:`~proca_sync.consumer.intake.Intake` (its
+``AckBook``, ``flush``, ``reject`` and ``requeue`` run unchanged) with the connection
+replaced: deliveries come from the test and the channel records the frames it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from rich.console import Console
+
+from proca_sync.config import ConsumerSettings, RetryMode
+from proca_sync.consumer.breaker import Breaker, BreakerState
+from proca_sync.consumer.intake import Intake
+from proca_sync.consumer.parking import ParkingStore
+from proca_sync.consumer.policy import ATTEMPTS_HEADER
+from proca_sync.consumer.runner import Consumer, ExitStatus, lane_hash, serve
+from proca_sync.crm.base import ApplyResult
+from proca_sync.errors import PermanentError, Reason, TransientError
+from proca_sync.pipeline.topology import QueueState, fail_queue
+from proca_sync.sync.records import SyncRecord
+from tests.support.builders import action, dumps
+
+QUEUE = "cus.4242.deliver"  # a Proca org queue: retries go through the dead-letter circuit
+
+
+async def eventually(check: Callable[[], bool], *, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def failing(exc: BaseException) -> Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]:
+    """A scripted ``apply`` that raises ``exc``."""
+
+    def fail(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        raise exc
+
+    return fail
+
+
+# ---- the stand-ins: a channel that records frames, an intake without a connection -------
+
+
+@dataclass
+class Frame:
+    kind: str  # ack | reject | nack
+    tag: int
+    multiple: bool = False
+    applied_then: frozenset[str] = frozenset()
+    """Record keys whose ``apply`` had returned when the frame was sent."""
+
+
+class LocalChannel:
+    """The part of an AMQP channel the intake settles deliveries on."""
+
+    def __init__(self, backend: GatedBackend) -> None:
+        self.backend = backend
+        self.frames: list[Frame] = []
+        self.is_closed = False
+        self.broken = False
+
+    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        self.frames.append(Frame("ack", tag, multiple, frozenset(self.backend.returned)))
+
+    async def basic_reject(self, tag: int, requeue: bool = True) -> None:
+        assert not requeue
+        self.frames.append(Frame("reject", tag))
+
+    async def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        assert requeue
+        if self.broken:
+            raise RuntimeError("a bug in the channel")
+        self.frames.append(Frame("nack", tag))
+
+    def acked(self) -> set[int]:
+        """Every tag an ack frame covers (a multiple ack covers all tags up to its own)."""
+        tags: set[int] = set()
+        for frame in self.frames:
+            if frame.kind == "ack":
+                tags |= set(range(1, frame.tag + 1)) if frame.multiple else {frame.tag}
+        return tags
+
+
+@dataclass
+class LocalMessage:
+    """What aio-pika hands the consumer for one delivery (the attributes it reads)."""
+
+    body: bytes
+    delivery_tag: int
+    channel: LocalChannel
+    headers: dict[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    exchange: str = ""
+    routing_key: str = QUEUE
+    content_type: str | None = None
+    content_encoding: str | None = None
+
+
+class LocalIntake(Intake):
+    """:class:`Intake` with the broker connection replaced by :class:`LocalChannel`."""
+
+    channel_for: LocalChannel | None = None
+    last: LocalIntake | None = None
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        on_message: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        super().__init__(settings, on_message)
+        LocalIntake.last = self
+        assert LocalIntake.channel_for is not None
+        self.local = LocalIntake.channel_for
+        self.started = asyncio.Event()
+        self.republished: list[tuple[bytes, dict[str, Any]]] = []
+        self.queues: dict[str, int] = {}  # ready messages per queue name; -1: missing
+        self._next_tag = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def start(self) -> None:
+        self.started.set()
+
+    async def stop(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._books.clear()
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def probe(self, name: str) -> QueueState | None:
+        """The queue's state as the test set it in ``queues`` (``None``: disconnected)."""
+        if name not in self.queues:
+            return None
+        messages = self.queues[name]
+        return QueueState(name, exists=messages >= 0, messages=max(messages, 0))
+
+    async def republish(self, delivery: Any, headers: Any) -> bool:
+        self.republished.append((delivery.body, dict(headers)))
+        return True
+
+    def reconnect(self) -> None:
+        """The connection was lost and restored: the old channel is closed, deliveries
+        come on a new one with tags from 1 again (aio-pika calls ``on_reconnect``)."""
+        self.local.is_closed = True
+        fresh = LocalChannel(self.local.backend)
+        self.local = fresh
+        self._next_tag = 0
+        self._reconnected()
+
+    async def deliver(self, body: bytes, headers: dict[str, Any] | None = None) -> int:
+        """One delivery, as the broker would hand it to the consumer; its tag."""
+        self._next_tag += 1
+        await self._on_message(LocalMessage(body, self._next_tag, self.local, headers or {}))
+        return self._next_tag
+
+
+class GatedBackend:
+    """A CRM whose ``apply`` waits for the test to open its gate, then succeeds (or
+    answers what the test scripted)."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls: list[list[str]] = []
+        self.returned: set[str] = set()
+        self.script: list[Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]] = []
+        self.ping_ok = True
+        self.pings = 0
+        self.close_fails = False
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self.close_fails:
+            raise OSError("close failed")
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if not self.ping_ok:
+            raise TransientError("CRM still down")
+
+    async def apply(self, records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        self.calls.append([r.key for r in records])
+        await self.gate.wait()
+        results = self.script.pop(0)(records) if self.script else ["applied"] * len(records)
+        self.returned.update(
+            r.key for r, res in zip(records, results, strict=False) if res == "applied"
+        )
+        return results
+
+
+@dataclass
+class Rig:
+    consumer: Consumer
+    intake: LocalIntake
+    channel: LocalChannel
+    backend: GatedBackend
+    parking: ParkingStore
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    backend = GatedBackend()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(
+        queue=QUEUE, concurrency=2, batch_size=5, max_retries=2, status_interval=60,
+        consumer_tag="test",
+    )
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(
+        settings, backend=backend, parking=parking,
+        breaker=Breaker(threshold=1, base_delay=0.01, max_delay=0.05),
+        intake_factory=LocalIntake,
+    )
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    await asyncio.wait_for(intake.started.wait(), 10)
+    try:
+        yield Rig(consumer, intake, channel, backend, parking)
+    finally:
+        backend.gate.set()
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+
+
+PERSON = {"email": "ada.lovelace@example.org", "first": "Adelaide", "last": "Quixotic",
+          "postcode": "B-1040", "ref": "Zq7kPersonalRef0000000000000000000000000000"}
+
+
+def person_action(action_id: int, *, ref: str | None = None, email: str | None = None) -> bytes:
+    return dumps(action(
+        action_id, ref=ref or PERSON["ref"], email=email or PERSON["email"],
+        created=f"2024-03-01T10:00:{action_id % 60:02d}Z", first_name=PERSON["first"],
+        record={"lastName": PERSON["last"], "postcode": PERSON["postcode"]},
+    ))
+
+
+# ---- ack only after apply returned ---------------------------------------------------------
+
+
+async def test_acks_only_after_the_backend_apply_returned(rig: Rig) -> None:
+    tags = [await rig.intake.deliver(person_action(n, ref=f"r{n}".ljust(43, "x"),
+                                                   email=f"p{n}@example.org"))
+            for n in range(1, 5)]
+    await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    # apply is running (its gate closed); a message settled meanwhile gets its ack sent,
+    # and that ack must cover none of the messages still being applied.
+    poison = await rig.intake.deliver(b"not json {")
+    await eventually(lambda: poison in rig.channel.acked(), within=10, what="the poison's ack")
+    assert rig.channel.acked() == {poison}
+    rig.backend.gate.set()
+    await eventually(lambda: rig.channel.acked() >= set(tags), within=10, what="the acks")
+    applied = {key for call in rig.backend.calls for key in call}
+    assert len(applied) == len(tags)
+    for frame in rig.channel.frames:
+        assert frame.kind == "ack"
+        covered = set(range(1, frame.tag + 1)) if frame.multiple else {frame.tag}
+        # every message the frame acks was applied before it was sent (or is the poison)
+        assert len(frame.applied_then) >= len(covered - {poison})
+    assert rig.consumer.stats.settled_total == len(tags) + 1
+
+
+async def test_a_permanent_refusal_is_parked_before_its_ack(rig: Rig) -> None:
+    def refuse_first(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        return [PermanentError("refused", reason=Reason.CRM_REJECTED),
+                *["applied"] * (len(records) - 1)]
+
+    rig.backend.script.append(refuse_first)
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(person_action(7))
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    (entry,) = rig.parking.entries()
+    assert entry.reason == "crm_rejected"
+    assert rig.consumer.stats.settled_total == 1
+
+
+async def test_poison_is_parked_and_acked_without_reaching_the_crm(rig: Rig) -> None:
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(b"not json {")
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    assert rig.backend.calls == []
+    assert [e.reason for e in rig.parking.entries()] == ["invalid_json"]
+
+
+async def test_transient_failure_is_retried_through_the_dead_letter_circuit(rig: Rig) -> None:
+    """Breaker threshold 1: the failure opens it; the prober's ping closes it again via
+    one half-open probe message; nothing is acked before apply succeeded."""
+    rig.backend.script.append(failing(TransientError("down")))
+    rig.backend.ping_ok = False
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(person_action(8))
+    await eventually(lambda: rig.consumer.breaker.state is BreakerState.OPEN, within=10,
+                     what="the breaker to open")
+    await eventually(lambda: rig.backend.pings >= 2, within=10, what="failed probes")
+    assert rig.channel.frames == []  # held, not retried: the budget is kept
+    rig.backend.ping_ok = True
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    assert rig.consumer.breaker.state is BreakerState.CLOSED
+    assert len(rig.backend.calls) == 2
+    assert [f.kind for f in rig.channel.frames] == ["ack"]
+
+
+async def test_an_unexpected_batch_error_is_isolated_by_applying_singly(rig: Rig) -> None:
+    def fine(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        return ["applied"] * len(records)
+
+    rig.backend.script.extend([failing(RuntimeError("bug")), fine, failing(ValueError("this"))])
+    first = await rig.intake.deliver(person_action(9, ref="a".ljust(43, "x"), email="a@x.org"))
+    second = await rig.intake.deliver(person_action(10, ref="b".ljust(43, "x"), email="b@x.org"))
+    rig.backend.gate.set()
+    await eventually(lambda: first in rig.channel.acked(), within=10, what="the first ack")
+    await eventually(lambda: any(f.kind == "reject" and f.tag == second
+                                 for f in rig.channel.frames),
+                     within=10, what="the second rejected for a retry")
+    assert [len(c) for c in rig.backend.calls] == [2, 1, 1]
+    assert second not in rig.channel.acked()
+
+
+async def test_retries_exhausted_are_parked(rig: Rig) -> None:
+    rig.backend.script.append(failing(KeyError("a bug")))
+    rig.backend.gate.set()
+    # two earlier failed attempts recorded by the dead-letter circuit: max_retries reached
+    headers = {"x-death": [{"queue": QUEUE, "reason": "rejected", "count": 2}]}
+    tag = await rig.intake.deliver(person_action(11), headers)
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+    assert [e.reason for e in rig.parking.entries()] == ["retries_exhausted"]
+
+
+async def test_one_lane_is_applied_in_order_never_two_at_once(rig: Rig) -> None:
+    tags = [await rig.intake.deliver(person_action(n)) for n in range(20, 24)]
+    rig.backend.gate.set()
+    await eventually(lambda: rig.channel.acked() >= set(tags), within=10, what="the acks")
+    keys = [key for call in rig.backend.calls for key in call]
+    assert [int(k.split(":")[1]) for k in keys] == [20, 21, 22, 23]
+    assert all(len(call) == 1 for call in rig.backend.calls)
+
+
+async def test_stop_hands_back_what_was_not_started(rig: Rig) -> None:
+    first = await rig.intake.deliver(person_action(30))
+    await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    second = await rig.intake.deliver(person_action(31))  # same lane: waits behind the first
+    rig.consumer.request_stop("test")
+    rig.backend.gate.set()
+    await eventually(lambda: first in rig.channel.acked(), within=10, what="the first ack")
+    await eventually(lambda: any(f.kind == "nack" and f.tag == second
+                                 for f in rig.channel.frames),
+                     within=10, what="the second handed back")
+    assert rig.consumer.stats.totals()["returned"] == 1
+
+
+# ---- no personal data in the log --------------------------------------------------------------
+
+
+async def test_logs_carry_no_personal_data_nor_the_raw_lane(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="proca_sync")
+
+    def refuse(records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
+        return [PermanentError("refused", reason=Reason.CRM_REJECTED)] * len(records)
+
+    rig.backend.script.extend([lambda records: ["applied"] * len(records), refuse])
+    rig.backend.gate.set()
+    tags = []
+    for n, body in enumerate([person_action(40), person_action(41), b"not json {"]):
+        tags.append(await rig.intake.deliver(body))
+        if n == 0:
+            await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    await eventually(lambda: rig.channel.acked() >= set(tags), within=10, what="the acks")
+    lane = "ref:" + PERSON["ref"]
+    logged = [
+        (r.getMessage(), repr(getattr(r, "fields", None)))
+        for r in caplog.records if r.name.startswith("proca_sync")
+    ]
+    messages = [m for m, _ in logged if m.startswith(("ack", "park"))]
+    assert len(messages) == 3, logged  # one line per outcome was written
+    hashed = lane_hash(lane)
+    assert sum(hashed in fields for _, fields in logged) == 2  # the lane, hashed
+    text = "\n".join(m + " " + f for m, f in logged).lower()
+    for secret in [*PERSON.values(), lane]:
+        assert secret.lower() not in text
+
+
+# ---- local retries (no dead-letter circuit) -----------------------------------------------
+
+
+async def test_local_retry_republishes_with_one_more_attempt_then_acks(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    backend.script.append(failing(KeyError("a bug")))
+    backend.gate.set()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue="plain", retry_mode=RetryMode.LOCAL, retry_delay=0.01,
+                                max_retries=3, consumer_tag="test", status_interval=60)
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        body = person_action(50)
+        tag = await intake.deliver(body, {ATTEMPTS_HEADER: 1})
+        await eventually(lambda: tag in channel.acked(), within=10, what="the ack")
+        assert intake.republished == [(body, {ATTEMPTS_HEADER: 2})]
+        assert parking.entries() == []
+    finally:
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+
+
+# ---- the monitor: depths, a missing queue, --exit-when-idle -----------------------------------
+
+
+async def test_exit_when_idle_stops_once_drained_and_settled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    backend = GatedBackend()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue=QUEUE, exit_when_idle=True, idle_seconds=0.3,
+                                consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    intake.queues = {QUEUE: 3, fail_queue(4242): 0}
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        tag = await intake.deliver(person_action(60))
+        await eventually(lambda: consumer.stats.depth == 3, within=10, what="the depth")
+        intake.queues[QUEUE] = -1  # the queue vanished: said once, then waited for
+        await eventually(lambda: any(getattr(r, "fields", {}).get("event") == "queue_missing"
+                                     for r in caplog.records), within=10, what="queue_missing")
+        intake.queues[QUEUE] = 0
+        # Queues empty, but the delivery is still being applied: longer than idle_seconds
+        # plus a monitor interval passes, and the consumer must not call that idle.
+        await asyncio.sleep(0.8)  # sleep-ok: the absence of a stop takes time to show
+        assert consumer.stop_reason == "" and not task.done()
+        intake.queues[fail_queue(4242)] = 2  # retries on their way back: not idle either
+        backend.gate.set()
+        await eventually(lambda: tag in channel.acked(), within=10, what="the ack")
+        await eventually(lambda: consumer.stats.fail_depth == 2, within=10,
+                         what="the fail queue depth")
+        await asyncio.sleep(0.8)  # sleep-ok: as above
+        assert consumer.stop_reason == "" and not task.done()
+        intake.queues[fail_queue(4242)] = 0
+        stats = await asyncio.wait_for(task, 20)
+    finally:
+        consumer.request_stop("test")
+        if not task.done():
+            await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+    assert consumer.stop_reason == "idle"
+    assert tag in channel.acked()
+    assert stats.totals()["in_flight"] == 0
+    missing = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "queue_missing"]
+    assert len(missing) == 1
+
+
+async def test_max_messages_stops_after_that_many_settled(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    backend.gate.set()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue="plain", max_messages=2, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        await intake.deliver(person_action(70))
+        await eventually(lambda: consumer.stats.settled_total == 1, within=10, what="one settled")
+        assert not task.done()
+        await intake.deliver(b"not json {")
+        await asyncio.wait_for(task, 20)
+    finally:
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+    assert consumer.stop_reason == "max_messages"
+    assert channel.acked() == {1, 2}
+
+
+# ---- a reconnect: stale deliveries are never acked on the new channel ----------------------
+
+
+async def test_reconnect_drops_stale_deliveries_and_acks_on_the_new_channel(rig: Rig) -> None:
+    old = rig.channel
+    first = await rig.intake.deliver(person_action(80))
+    await eventually(lambda: bool(rig.backend.calls), within=10, what="apply called")
+    await rig.intake.deliver(person_action(81))  # same lane: waits behind the first
+    await rig.intake.deliver(person_action(82))
+    assert len(rig.consumer.lanes) == 3
+    rig.intake.reconnect()
+    # the two waiting deliveries are gone with their channel (the broker redelivers them)
+    assert len(rig.consumer.lanes) == 1
+    assert rig.consumer.stats.totals()["returned"] == 2
+    assert rig.consumer.stats.totals()["reconnects"] == 1
+    fresh = rig.intake.local
+    again = await rig.intake.deliver(person_action(81))
+    rig.backend.gate.set()
+    await eventually(lambda: again in fresh.acked(), within=10, what="the ack on the new channel")
+    await eventually(lambda: rig.consumer.stats.totals()["returned"] == 3, within=10,
+                     what="the stale first delivery counted as returned")
+    assert old.frames == []  # nothing was acked on the closed channel
+    assert first == again == 1 and fresh.acked() == {1}
+
+
+# ---- serve: signals, /healthz, the status line ------------------------------------------------
+
+
+async def test_serve_reports_health_shows_status_and_stops_on_sigterm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    backend = GatedBackend()
+    backend.gate.set()
+    LocalIntake.channel_for = LocalChannel(backend)
+    LocalIntake.last = None
+    settings = ConsumerSettings(queue=QUEUE, metrics_port=0, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=150)
+    task = asyncio.create_task(serve(settings, backend=backend, parking=parking,
+                                     console=console, intake_factory=LocalIntake))
+    try:
+        await eventually(lambda: LocalIntake.last is not None and LocalIntake.last.started.is_set(),
+                         within=10, what="the intake started")
+        intake = LocalIntake.last
+        assert intake is not None
+        tag = await intake.deliver(person_action(90))
+        await eventually(lambda: tag in intake.local.acked(), within=10, what="the ack")
+        (metrics,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "metrics"]
+        port = metrics.fields["port"]  # type: ignore[attr-defined]
+
+        def healthz() -> dict[str, Any]:
+            url = f"http://127.0.0.1:{port}/healthz"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                assert answer.status == 200
+                return dict(orjson.loads(answer.read()))
+
+        health = await asyncio.to_thread(healthz)
+        assert health["breaker"] == "closed"
+        await eventually(lambda: "acked 1" in screen.getvalue(), within=10,
+                         what="the live status line")
+        os.kill(os.getpid(), signal.SIGTERM)
+        status, stats = await asyncio.wait_for(task, 20)
+    finally:
+        if not task.done():
+            task.cancel()
+        parking.engine.dispose()
+    assert status is ExitStatus.OK
+    assert stats.settled_total == 1
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert "signal" in events and events[-1] == "stopped"
+    # with a console, outcomes are not logged one by one
+    assert "message" not in events
+    # the handlers are gone: the loop no longer catches SIGTERM
+    assert not asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+
+
+# ---- shutdown when things go wrong ---------------------------------------------------------
+
+
+async def test_shutdown_timeout_gives_up_on_a_hanging_crm_without_acking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    backend = GatedBackend()  # its gate never opens: apply hangs
+    backend.close_fails = True  # and closing it fails too
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue=QUEUE, shutdown_timeout=0.3, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        await intake.deliver(person_action(95))
+        await eventually(lambda: bool(backend.calls), within=10, what="apply called")
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 10)
+    finally:
+        parking.engine.dispose()
+    assert channel.frames == []  # never acked: the broker gets it back with the channel
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert "shutdown_timeout" in events and events[-1] == "stopped"
+    assert consumer.stop_reason == "test"
+
+
+async def test_a_failing_settlement_task_is_logged_once_and_the_run_goes_on(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="proca_sync")
+    rig.channel.broken = True
+    rig.consumer.request_stop("test")
+    await rig.intake.deliver(person_action(96))  # arrives while stopping: handed back
+    await eventually(lambda: any(getattr(r, "fields", {}).get("event") == "task_error"
+                                 for r in caplog.records), within=10, what="task_error")
+    errors = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "task_error"]
+    assert len(errors) == 1 and errors[0].fields["error"] == "RuntimeError"  # type: ignore[attr-defined]
