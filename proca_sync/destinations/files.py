@@ -213,11 +213,11 @@ class _FileDestination:
         index = self._index()
         for view in batch.contacts:
             row = contact_row(view)
-            others = {index.get(("email", view.email))} | {index.get(("ref", r)) for r in view.refs}
+            others = {index.get(("email", view.email))}
+            others |= {index.get(("ref", r)) for r in view.refs}
             for other in others - {None, view.contact_id}:
                 assert other is not None
-                gone = self._contacts.pop(other, None)
-                if gone is not None:
+                if self._contacts.pop(other, None) is not None:
                     changed = True
             if self._contacts.get(view.contact_id) != row:
                 self._contacts[view.contact_id] = row
@@ -231,11 +231,11 @@ class _FileDestination:
         ]
         for erasure in batch.erasures:
             keys = [("email", erasure.email), *(("ref", r) for r in erasure.refs)]
-            gone = {index[k] for k in keys if k in index and index[k] in self._contacts}
-            for cid in gone:
+            erased = {index[k] for k in keys if k in index and index[k] in self._contacts}
+            for cid in erased:
                 del self._contacts[cid]
-            changed = changed or bool(gone)
-            self._rewrite_actions(erasure.email, gone)
+            changed = changed or bool(erased)
+            self._rewrite_actions(erasure.email, erased)
         if new_actions:
             # Appended before the snapshot: a crash in between leaves the snapshot behind,
             # which the next push (the cursor did not move) brings up to date.
