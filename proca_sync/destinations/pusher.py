@@ -53,7 +53,7 @@ log = logging.getLogger("proca_sync.destinations")
 
 DEFAULT_LEASE_TTL = 15.0
 """Seconds a lease lasts without renewal: the longest a dead pusher blocks another."""
-DEFAULT_WINDOW = 2_000
+DEFAULT_WINDOW = 5_000
 """Changes read per round."""
 IDLE_POLL = 1.0
 """Seconds between looks at the change log while following without a commit signal."""
@@ -112,6 +112,9 @@ class Pusher:
         self.window = window
         self.breaker = breaker or Breaker(threshold=3, base_delay=0.5, max_delay=max_delay)
         self.max_delay = max_delay
+        self.concurrency = max(1, int(getattr(destination, "concurrency", 1)))
+        """Batches in flight at once: the connector's ``concurrency`` attribute, if any
+        (how many requests its API takes in parallel; its rate limiter still paces them)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stats = PusherStats()
         self.progress: Callable[[PusherStats], None] | None = None
@@ -254,11 +257,18 @@ class Pusher:
             return True
         self.stats.pending = await self._db(self.state.pending)
         self._report()
-        for batch in plan.batches(self.batch_size):
-            if not await self._push(batch, plan):
-                return False  # stopped or out of time: the cursor stays
-            if self._lease_lost:
-                raise LeaseLostError("lease lost")
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(batch: Batch) -> bool:
+            async with slots:
+                return await self._push(batch, plan)
+
+        # Batches of one window hold distinct contacts: they may be in flight together.
+        done = await asyncio.gather(*(one(b) for b in plan.batches(self.batch_size)))
+        if self._lease_lost:
+            raise LeaseLostError("lease lost")
+        if not all(done):
+            return False  # stopped or out of time: the cursor stays
         await self._db(self.state.advance, self.owner, plan.last_seq)
         return False
 
