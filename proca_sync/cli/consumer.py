@@ -69,6 +69,7 @@ from proca_sync.destinations.pusher import (
     Pusher,
     PusherCollector,
     alongside,
+    status_line,
 )
 from proca_sync.errors import ConfigError
 from proca_sync.sync.records import Mode
@@ -230,6 +231,7 @@ def run_consumer(
                     keystore=keystore,
                     console=console,
                     collectors=[PusherCollector(pushers)] if pushers else (),
+                    status_extra=(lambda: status_line(pushers)) if pushers else None,
                 ),
                 pushers,
             )

@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -613,6 +613,7 @@ async def serve(
     keystore: Keystore | None = None,
     console: Console | None = None,
     collectors: Sequence[Any] = (),
+    status_extra: Callable[[], str] | None = None,
 ) -> tuple[ExitStatus, Stats]:
     """Run a :class:`Consumer` as a service: signals, ``/healthz``, the status line.
 
@@ -660,7 +661,7 @@ async def serve(
             log.info("metrics on http://%s:%d/metrics and /healthz", settings.metrics_host, port,
                      extra={"fields": {"event": "metrics", "port": port}})
         if console is not None:
-            display = asyncio.create_task(_live_status(consumer.stats, console))
+            display = asyncio.create_task(_live_status(consumer.stats, console, status_extra))
         await consumer.run()
     finally:
         if display is not None:
@@ -673,8 +674,16 @@ async def serve(
     return ExitStatus.OK, consumer.stats
 
 
-async def _live_status(stats: Stats, console: Console) -> None:
-    with Live(stats.line(), console=console, refresh_per_second=4, transient=True) as live:
+async def _live_status(
+    stats: Stats, console: Console, extra: Callable[[], str] | None = None
+) -> None:
+    def line() -> Any:
+        text = stats.line()
+        if extra is not None:
+            text.append("  " + extra())
+        return text
+
+    with Live(line(), console=console, refresh_per_second=4, transient=True) as live:
         while True:
             await asyncio.sleep(0.25)
-            live.update(stats.line())
+            live.update(line())

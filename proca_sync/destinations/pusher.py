@@ -47,6 +47,7 @@ __all__ = [
     "PusherCollector",
     "PusherStats",
     "alongside",
+    "status_line",
 ]
 
 log = logging.getLogger("proca_sync.destinations")
@@ -473,3 +474,16 @@ class PusherCollector:
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
             last.add_metric([name], stats.last_success or 0)
         yield from (items, requests, parked, failures, pending, breaker, last)
+
+
+def status_line(pushers: Sequence[Pusher]) -> str:
+    """One short line per the pushers, for the live status line (counts only)."""
+    parts = []
+    for pusher in pushers:
+        stats = pusher.stats
+        state = "" if stats.breaker == "closed" else f" breaker {stats.breaker}"
+        parts.append(
+            f"{pusher.name}: {stats.contacts}c/{stats.actions}a pushed, "
+            f"{stats.pending} pending, {stats.parked} parked{state}"
+        )
+    return " | ".join(parts)
