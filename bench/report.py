@@ -528,6 +528,12 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
     if ANALYSIS.exists() and not s.get("quick"):
         out += [ANALYSIS.read_text().rstrip().format_map(analysis_values(doc)), ""]
 
+    destinations = results_dir / "destinations.json"
+    if destinations.exists():  # python -m bench.destinations
+        from bench.destinations import markdown as destinations_markdown
+
+        out += destinations_markdown(orjson.loads(destinations.read_bytes()))
+
     out += [
         "## Method",
         "",

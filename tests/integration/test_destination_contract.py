@@ -259,6 +259,15 @@ def _serve(target: Target) -> Iterator[Target]:
 KEY = b"k" * 64
 
 
+def assert_no_personal_data(output: str, data: dict[str, Any]) -> None:
+    """No e-mail address or last name of the ledger in ``output`` (named by count only)."""
+    emails = {e for c in data["contacts"] for e in c["emails"]}
+    names = {c["lastName"] for c in data["contacts"] if c["lastName"] and len(c["lastName"]) > 3}
+    words = set(output.replace('"', " ").replace(",", " ").split())
+    assert not (emails & words), f"{len(emails & words)} e-mail(s) in the output"
+    assert not (names & words), f"{len(names & words)} name(s) in the output"
+
+
 async def push(
     url: str, target: Target, *, within: float = 120.0, **table: Any
 ) -> PushResult:
@@ -434,7 +443,9 @@ def test_five_sigkills_of_push_follow_leave_the_exact_final_state(
                            capture_output=True, timeout=180)
     assert final.returncode == 0, final.stderr.decode()[-2000:]
     assert time.monotonic() - started < 100
-    assert target.snapshot() == target.expected(export(ledger))
+    data = export(ledger)
+    assert target.snapshot() == target.expected(data)
+    assert_no_personal_data(final.stdout.decode() + final.stderr.decode(), data)
     duplicates = getattr(target.emulator, "created", None)
     if duplicates is not None:
         assert max(duplicates.values()) == 1
@@ -548,5 +559,6 @@ async def test_run_push_keeps_draining_while_the_destination_is_down(
             )
             process.signal(signal.SIGTERM)
             assert await process.wait(60) == 0
+            assert_no_personal_data("\n".join(process.lines), export(url))
         finally:
             await process.stop()
