@@ -314,6 +314,17 @@ async def test_small_pushes_interleaved_with_replays_equal_one_push(
     assert interleaved == target.expected(data)
 
 
+@pytest.mark.postgres
+async def test_a_postgres_ledger_pushes_the_same_state(pg_url: str, target: Target) -> None:
+    if not FULL and target.id == "csv":
+        pytest.skip("quick mode: csv shares jsonl's code (PROCA_CONTRACT_FULL=1 runs it)")
+    await replay(pg_url, stream(STREAM_ACTIONS if FULL else 600, seed=13))
+    result = await push(pg_url, target)
+    assert result.caught_up and result.parked == 0
+    assert target.snapshot() == target.expected(export(pg_url))
+    assert (await push(pg_url, target)).stats.requests == 0
+
+
 # ---- faults -------------------------------------------------------------------------------
 
 
