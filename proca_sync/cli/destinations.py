@@ -13,7 +13,7 @@ import orjson
 import typer
 from rich.table import Table
 
-from proca_sync.cli.common import CrmOption, app, die, open_crm, out
+from proca_sync.cli.common import EnvFileOption, SqlCrmOption, app, die, open_crm, out
 from proca_sync.cli.config import ConfigOption, config_of
 from proca_sync.crm.sql import DEFAULT_URL
 from proca_sync.destinations.state import LedgerState, registered
@@ -35,7 +35,8 @@ def _when(stamp: float | None) -> str:
 def status(
     ctx: typer.Context,
     config: ConfigOption = None,
-    crm: CrmOption = DEFAULT_URL,
+    env_file: EnvFileOption = None,
+    crm: SqlCrmOption = DEFAULT_URL,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Pending changes, lag, last success and parked count of each destination."""
@@ -79,7 +80,8 @@ def status(
 @destinations_app.command("parked")
 def parked(
     name: Annotated[str, typer.Argument(help="Destination.")],
-    crm: CrmOption = DEFAULT_URL,
+    env_file: EnvFileOption = None,
+    crm: SqlCrmOption = DEFAULT_URL,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The items a destination refused for good, with the API's error code."""
@@ -112,7 +114,8 @@ def retry(
     name: Annotated[str, typer.Argument(help="Destination.")],
     item: Annotated[int | None, typer.Argument(help="Parked item id (see `parked`).")] = None,
     all_items: Annotated[bool, typer.Option("--all", help="Every parked item.")] = False,
-    crm: CrmOption = DEFAULT_URL,
+    env_file: EnvFileOption = None,
+    crm: SqlCrmOption = DEFAULT_URL,
 ) -> None:
     """Offer parked items again: the next push sends them."""
     if (item is None) == (not all_items):

@@ -17,7 +17,16 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from proca_sync.cli.common import CrmOption, app, configure_logging, die, err, open_crm, out
+from proca_sync.cli.common import (
+    EnvFileOption,
+    SqlCrmOption,
+    app,
+    configure_logging,
+    die,
+    err,
+    open_crm,
+    out,
+)
 from proca_sync.cli.config import (
     DEFAULT_ERASURE_KEY,
     ConfigOption,
@@ -46,7 +55,8 @@ def push(
     ctx: typer.Context,
     names: Annotated[list[str], typer.Argument(help="Destinations ([destinations.NAME]).")],
     config: ConfigOption = None,
-    crm: CrmOption = DEFAULT_URL,
+    env_file: EnvFileOption = None,
+    crm: SqlCrmOption = DEFAULT_URL,
     follow: Annotated[
         bool, typer.Option("--follow", help="Keep pushing new changes until stopped.")
     ] = False,
@@ -119,9 +129,7 @@ async def _run(pushers: list[Pusher], *, follow: bool, within: float | None) -> 
             task = progress.add_task(pusher.name, total=None, line="")
             pusher.progress = _show(progress, task)
     try:
-        return list(
-            await asyncio.gather(*(p.run(follow=follow, within=within) for p in pushers))
-        )
+        return list(await asyncio.gather(*(p.run(follow=follow, within=within) for p in pushers)))
     finally:
         if progress is not None:
             progress.stop()

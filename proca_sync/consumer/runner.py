@@ -97,6 +97,7 @@ class Consumer:
         stats: Stats | None = None,
         breaker: Breaker | None = None,
         log_each: bool = True,
+        on_idle: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = Engine(
@@ -109,6 +110,7 @@ class Consumer:
         self.breaker = breaker or Breaker()
         self.retry_mode = settings.effective_retry_mode
         self.log_each = log_each
+        self.on_idle = on_idle
         self.intake = Intake(settings, self._on_message)
         self.lanes: Lanes[Delivery] = Lanes()
         org = settings.proca_org
@@ -148,17 +150,20 @@ class Consumer:
         Raises :class:`~proca_sync.consumer.intake.IntakeError` (queue missing, access
         refused) or :class:`~proca_sync.errors.ConfigError` before consuming anything.
         """
-        await self.parking.open()
+        # The broker first: a wrong URL, queue or password creates no file.
+        await self.intake.open()
         try:
-            await self.engine.backend.open()
-        except TransientError as exc:
-            # Not fatal: the first batches fail and the breaker waits for the CRM.
-            log.warning("CRM not available at start: %s", exc,
-                        extra={"fields": {"event": "crm_unavailable", "error": str(exc)}})
-        try:
-            await self.intake.open()
+            try:
+                await self.engine.backend.open()  # a CRM that does not exist: ConfigError
+            except TransientError as exc:
+                # Not fatal: the first batches fail and the breaker waits for the CRM.
+                log.warning("CRM not available at start: %s", exc,
+                            extra={"fields": {"event": "crm_unavailable", "error": str(exc)}})
+            await self.parking.open()
         except BaseException:
             await self._close_stores()
+            with contextlib.suppress(Exception):
+                await self.intake.close()
             raise
         self.intake.on_reconnect = self._on_reconnect
         self.stats.set_connected(True)
@@ -541,7 +546,12 @@ class Consumer:
                     idle_since = None
                 elif idle_since is None:
                     idle_since = now
-                elif now - idle_since >= self.settings.idle_seconds:
+                idle = idle_since is not None and now - idle_since >= self.settings.idle_seconds
+                if self.on_idle is not None:
+                    # One of several workers: the queue is drained when all of them say
+                    # so at once, and the supervisor stops them together.
+                    self.on_idle(idle)
+                elif idle:
                     self.request_stop("idle")
                     return
             if await self._sleep_or_stop(interval):

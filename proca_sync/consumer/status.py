@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, deque
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import (
@@ -28,7 +28,27 @@ from rich.text import Text
 from proca_sync.consumer.breaker import BreakerState
 from proca_sync.consumer.policy import Outcome
 
-__all__ = ["HealthServer", "Stats"]
+__all__ = ["HealthServer", "SharedCount", "Stats", "StatsView"]
+
+
+class SharedCount(Protocol):
+    """A count shared by processes (``multiprocessing.Value``): ``--max-messages``
+    across the workers of one supervisor."""
+
+    value: int
+
+    def get_lock(self) -> Any: ...
+
+
+class StatsView(Protocol):
+    """What :class:`HealthServer` serves: one process's :class:`Stats`, or the sum of
+    a supervisor's workers."""
+
+    def metrics(self) -> bytes: ...
+
+    def healthy(self) -> bool: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 _RATE_WINDOW = 10.0
 
@@ -36,7 +56,8 @@ _RATE_WINDOW = 10.0
 class Stats:
     """Per-outcome totals and live gauges of one consumer run."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: SharedCount | None = None) -> None:
+        self.shared = shared
         self.started = time.monotonic()
         self.outcomes: Counter[str] = Counter()
         self.labels: Counter[str] = Counter()
@@ -106,6 +127,9 @@ class Stats:
                 outcome.value, label
             )
         child.inc()
+        if self.shared is not None:
+            with self.shared.get_lock():
+                self.shared.value += 1
         if outcome in (Outcome.ACK, Outcome.PARK):
             now = time.monotonic()
             self._acks.append((now, 1))
@@ -152,7 +176,37 @@ class Stats:
 
     @property
     def settled_total(self) -> int:
+        """Settled deliveries: of this process, or of every worker sharing the count."""
+        if self.shared is not None:
+            return int(self.shared.value)
         return sum(v for k, v in self.outcomes.items() if k != "returned")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a supervisor shows of this worker (counts and states only): the
+        totals, live gauges and every metric sample, to be summed over workers."""
+        samples = [
+            (
+                metric.name,
+                metric.type,
+                metric.documentation,
+                [
+                    (sample.name, dict(sample.labels), sample.value)
+                    for sample in metric.samples
+                    if not sample.name.endswith("_created")
+                ],
+            )
+            for metric in self.registry.collect()
+        ]
+        return {
+            "totals": self.totals(),
+            "rate": self.rate(),
+            "depth": self.depth,
+            "fail_depth": self.fail_depth,
+            "breaker": self.breaker.value,
+            "connected": self.connected,
+            "batches": self.batches,
+            "samples": samples,
+        }
 
     def rate(self) -> float:
         """Acked or parked messages per second over the last few seconds."""
@@ -215,7 +269,7 @@ class HealthServer:
     """``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON; 200 when connected
     and the breaker is closed, else 503) on 127.0.0.1 or ``host``."""
 
-    def __init__(self, stats: Stats, *, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, stats: StatsView, *, port: int, host: str = "127.0.0.1") -> None:
         self.stats = stats
         self.port = port
         self.host = host

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -48,8 +50,21 @@ from proca_sync.crm.sql.schema import (
     metadata,
     tombstone_keys,
 )
-from proca_sync.crm.sql.store import _translate, create_store_engine
-from proca_sync.crm.sql.writer import _BatchWriter, _export_action, _RecordWriter, _Statements
+from proca_sync.crm.sql.store import (
+    _translate,
+    conflict,
+    create_store_engine,
+    lock_schema,
+    missing_database,
+    write_engine,
+)
+from proca_sync.crm.sql.writer import (
+    _BatchWriter,
+    _export_action,
+    _RecordWriter,
+    _Statements,
+    lock_batch,
+)
 from proca_sync.errors import (
     BackendRejectedError,
     BackendUnavailableError,
@@ -66,10 +81,22 @@ log = logging.getLogger("proca_sync.crm")
 ANALYSE_FIRST = 1_000
 """Records written before the first ANALYZE on PostgreSQL (then at 4×, 16×, …)."""
 DEFAULT_URL = "sqlite:///proca-crm.db"
+CONFLICT_RETRIES = 4
+"""Times a batch that clashed with another writer is tried again before the clash is
+raised (as a transient error, for the consumer's retry policy)."""
 
 
 class SqlBackend:
-    """The embedded CRM. One writer thread; SQLite in WAL mode or PostgreSQL."""
+    """The embedded CRM. One writer thread; SQLite in WAL mode or PostgreSQL.
+
+    Any number of processes may write into one database at once and reach the state
+    one process reaches (the merge does not depend on order): on SQLite a batch holds
+    the write lock from its first read (``BEGIN IMMEDIATE``); on PostgreSQL it locks
+    the keys it names and the contacts they lead to (:func:`~proca_sync.crm.sql.writer.
+    lock_batch`). A clash with another writer (deadlock, serialization failure, a busy
+    SQLite file, a key taken first) is tried again here a few times before it surfaces
+    as a :class:`~proca_sync.errors.BackendUnavailableError`.
+    """
 
     name = "sql"
 
@@ -77,11 +104,14 @@ class SqlBackend:
         self, url: str = DEFAULT_URL, *, echo: bool = False, erasure_key: bytes | None = None
     ) -> None:
         self.engine, self.dialect = create_store_engine(url, what="CRM", echo=echo)
+        self._writes = write_engine(self.engine)
         self.tombstones = TombstoneCheck(erasure_key) if erasure_key else None
         self.has_tombstones = False
         self.commit_hooks: list[Callable[[], None]] = []
         """Called (in the writer thread) after each commit that logged changes."""
         self.url = str(self.engine.url)
+        self.conflicts = 0
+        """Transactions tried again after a clash with another writer (for tests, bench)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-sql")
         self._campaign_stamps: dict[str, str] = {}
         self._statements = _Statements(self.dialect)
@@ -104,11 +134,17 @@ class SqlBackend:
             )
 
     def open_sync(self) -> None:
-        """Create the schema on first use and check its version."""
+        """Create the schema on first use and check its version.
+
+        Raises :class:`ConfigError` when the PostgreSQL database does not exist or the
+        schema is newer than this code; :class:`BackendUnavailableError` when the
+        database is down or locked (transient).
+        """
         if self._ready:
             return
         try:
-            with self.engine.begin() as conn:
+            with self._writes.begin() as conn:
+                lock_schema(conn)
                 metadata.create_all(conn, checkfirst=True)
                 version = conn.execute(
                     select(meta_table.c.value).where(meta_table.c.key == "schema_version")
@@ -133,7 +169,8 @@ class SqlBackend:
                     conn.execute(select(tombstone_keys.c.hash).limit(1)).first()
                 )
         except sa_exc.SQLAlchemyError as exc:
-            raise _translate(exc) from None
+            # A database that does not exist is a typo, not an outage: refuse to start.
+            raise (missing_database(exc, what="CRM") or _translate(exc)) from None
         self._ready = True
 
     async def close(self) -> None:
@@ -194,7 +231,7 @@ class SqlBackend:
 
     def _apply_isolating(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
         try:
-            return self._transaction(records)
+            return self._retrying(records)
         except Exception as exc:
             error = self._translate_any(exc)
             if not isinstance(error, PermanentError):
@@ -204,7 +241,7 @@ class SqlBackend:
         results: list[ApplyResult] = []
         for record in records:
             try:
-                results.extend(self._transaction([record]))
+                results.extend(self._retrying([record]))
             except Exception as exc:
                 error = self._translate_any(exc)
                 if not isinstance(error, PermanentError):
@@ -241,10 +278,29 @@ class SqlBackend:
             return BackendUnavailableError(f"database unavailable ({name})")
         raise exc
 
+    def _retrying(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
+        """:meth:`_transaction`, tried again (after a short random pause) while it
+        clashes with another writer, at most :data:`CONFLICT_RETRIES` times."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                return self._transaction(records)
+            except Exception as exc:
+                orig = getattr(exc, "orig", None) or exc
+                if attempt == CONFLICT_RETRIES or not conflict(orig):
+                    raise
+                self.conflicts += 1
+                self._campaign_stamps.clear()
+                # On the writer thread: the pause holds this batch only. Random, so two
+                # clashing writers do not meet again at once.
+                time.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+        raise AssertionError("unreachable")
+
     def _transaction(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
-        with self.engine.begin() as conn:
+        with self._writes.begin() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
+                if self._statements.postgres:
+                    lock_batch(cursor, self._statements, records)
                 check = self.tombstones
                 batch = _BatchWriter(cursor, self._statements, self._campaign_stamps, check)
                 if batch.accepts(records):
@@ -269,7 +325,7 @@ class SqlBackend:
             raise ConfigError("crm forget needs the erasure key")
         key = normalise_email(email) if email is not None else None
         try:
-            with self.engine.begin() as conn:
+            with self._writes.begin() as conn:
                 tombstone = forget(conn, self.tombstones, email=key, ref=ref)
         except sa_exc.SQLAlchemyError as exc:
             raise _translate(exc) from None
