@@ -66,10 +66,8 @@ def test_every_commit_logs_its_changed_entities_once(crm_url: str, nul: bool) ->
         backend.apply_sync(records)
         rows = _changes(backend)
         kinds = sorted((k, e) for _, k, e in rows)
-        ids = {
-            str(r[0])
-            for r in backend.engine.connect().execute(text("SELECT id FROM contacts")).all()
-        }
+        with backend.engine.connect() as conn:
+            ids = {str(r[0]) for r in conn.execute(text("SELECT id FROM contacts")).all()}
         assert kinds == sorted(
             [("contact", i) for i in ids]
             + [("action", "1"), ("action", "2"), ("campaign", "camp")]
