@@ -295,7 +295,7 @@ def _pushers(
 ) -> list[Pusher]:
     """The pushers of ``run --push``, on the SQL CRM (which gets the erasure key)."""
     if isinstance(backend, SqlBackend):
-        attach_erasure_key(backend, erasure_key, create=True)
+        attach_erasure_key(backend, erasure_key, create=False)
     if not names:
         return []
     if not isinstance(backend, SqlBackend):

@@ -110,3 +110,35 @@ def test_forget_creates_the_erasure_key_0600_and_prints_no_address(workdir: Path
     refused = runner.invoke(app, ["replay", *paths, "--crm", "sqlite:///crm.db"])
     assert refused.exit_code != 0
     assert "erasure key" in refused.output
+
+
+def test_a_running_writer_picks_up_the_key_the_first_forget_creates(workdir: Path) -> None:
+    import asyncio
+
+    from proca_sync.crm.sql import SqlBackend
+    from proca_sync.engine import Engine
+    from tests.support.builders import action, dumps
+
+    _replay("sqlite:///crm.db")
+    key = workdir / "proca-erasure.key"
+    backend = SqlBackend("sqlite:///crm.db")
+    backend.watch_erasure_key(key)  # what `run` does: no key file yet
+    backend.open_sync()
+    assert not key.exists()
+    forget = ["crm", "forget", "test@example.org", "--crm", "sqlite:///crm.db"]
+    assert runner.invoke(app, forget).exit_code == 0
+    older = action(
+        9_200_001, ref="Z" * 43, email="test@example.org", created="2019-05-01T10:00:00Z"
+    )
+
+    async def go() -> None:
+        try:  # no open(): the key must be picked up by the batch itself
+            summary = await Engine(backend=backend).run([dumps(older)])
+            assert not summary.rejected
+        finally:
+            await backend.close()
+
+    asyncio.run(go())
+    with SqlBackend("sqlite:///crm.db") as reader:
+        emails = {e for c in reader.export()["contacts"] for e in c["emails"]}
+    assert "test@example.org" not in emails
