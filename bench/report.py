@@ -532,6 +532,11 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
     pipeline_section = results_dir / "pipeline.md"
     if pipeline_section.exists():
         out += [pipeline_section.read_text().rstrip(), ""]
+    destinations = results_dir / "destinations.json"
+    if destinations.exists():  # python -m bench.destinations
+        from bench.destinations import markdown as destinations_markdown
+
+        out += destinations_markdown(orjson.loads(destinations.read_bytes()))
 
     out += [
         "## Method",

@@ -90,13 +90,17 @@ def config_of(ctx: typer.Context) -> ConfigFile:
 
 
 def attach_erasure_key(backend: SqlBackend, path: Path, *, create: bool) -> None:
-    """Give the SQL CRM the erasure key (so erased people stay erased)."""
+    """Give the SQL CRM the erasure key (so erased people stay erased): created when
+    absent with ``create`` (``crm forget``), else loaded once the file exists."""
     try:
-        key = load_erasure_key(path, create=create)
+        if create:
+            key = load_erasure_key(path, create=True)
+            if key is not None:
+                backend.attach_erasure_key(key)
+        else:
+            backend.watch_erasure_key(path)
     except ConfigError as exc:
         raise die(str(exc), 2) from None
-    if key is not None:
-        backend.attach_erasure_key(key)
 
 
 def destinations_of(ctx: typer.Context, names: list[str]) -> list[Destination]:

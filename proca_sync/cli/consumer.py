@@ -76,6 +76,7 @@ from proca_sync.destinations.pusher import (
     Pusher,
     PusherCollector,
     alongside,
+    status_line,
 )
 from proca_sync.errors import ConfigError
 from proca_sync.sync.records import Mode
@@ -267,6 +268,7 @@ def run_consumer(
                         keystore=keystore,
                         console=console,
                         collectors=[PusherCollector(pushers)] if pushers else (),
+                        status_extra=(lambda: status_line(pushers)) if pushers else None,
                     ),
                     pushers,
                 )
@@ -293,7 +295,7 @@ def _pushers(
 ) -> list[Pusher]:
     """The pushers of ``run --push``, on the SQL CRM (which gets the erasure key)."""
     if isinstance(backend, SqlBackend):
-        attach_erasure_key(backend, erasure_key, create=True)
+        attach_erasure_key(backend, erasure_key, create=False)
     if not names:
         return []
     if not isinstance(backend, SqlBackend):

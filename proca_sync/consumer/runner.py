@@ -632,6 +632,7 @@ async def serve(
     console: Console | None = None,
     collectors: Sequence[Any] = (),
     intake_factory: IntakeFactory = Intake,
+    status_extra: Callable[[], str] | None = None,
 ) -> tuple[ExitStatus, Stats]:
     """Run a :class:`Consumer` as a service: signals, ``/healthz``, the status line.
 
@@ -680,7 +681,7 @@ async def serve(
             log.info("metrics on http://%s:%d/metrics and /healthz", settings.metrics_host, port,
                      extra={"fields": {"event": "metrics", "port": port}})
         if console is not None:
-            display = asyncio.create_task(_live_status(consumer.stats, console))
+            display = asyncio.create_task(_live_status(consumer.stats, console, status_extra))
         await consumer.run()
     finally:
         if display is not None:
@@ -693,8 +694,16 @@ async def serve(
     return ExitStatus.OK, consumer.stats
 
 
-async def _live_status(stats: Stats, console: Console) -> None:
-    with Live(stats.line(), console=console, refresh_per_second=4, transient=True) as live:
+async def _live_status(
+    stats: Stats, console: Console, extra: Callable[[], str] | None = None
+) -> None:
+    def line() -> Any:
+        text = stats.line()
+        if extra is not None:
+            text.append("  " + extra())
+        return text
+
+    with Live(line(), console=console, refresh_per_second=4, transient=True) as live:
         while True:
             await asyncio.sleep(0.25)
-            live.update(stats.line())
+            live.update(line())

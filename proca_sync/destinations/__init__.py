@@ -34,14 +34,19 @@ TYPES: dict[str, str] = {
 
 
 def destination_class(type_: str) -> Any:
-    """The connector class for a ``type`` key; :class:`ConfigError` when unknown."""
-    try:
-        target = TYPES[type_]
-    except KeyError:
+    """The connector class for a ``type`` key (or a ``"module:Class"`` path, for a
+    connector living in another package); :class:`ConfigError` when unknown."""
+    target = TYPES.get(type_)
+    if target is None and ":" in type_:
+        target = type_  # a connector of another package, by its "module:Class" path
+    if target is None:
         known = ", ".join(sorted(TYPES)) or "none"
-        raise ConfigError(f"unknown destination type {type_!r} (known: {known})") from None
+        raise ConfigError(f"unknown destination type {type_!r} (known: {known})")
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"destination type {type_!r}: cannot import {target}") from None
 
 
 def destination_from_config(name: str, table: Mapping[str, Any]) -> Destination:

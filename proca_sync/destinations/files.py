@@ -210,36 +210,32 @@ class _FileDestination:
         report = PushReport()
         changed = False
         emails = {c.contact_id: c.email for c in batch.contacts}
+        index = self._index()
         for view in batch.contacts:
             row = contact_row(view)
-            refs = set(view.refs)
-            for other in [
-                cid
-                for cid, old in self._contacts.items()
-                if cid != view.contact_id
-                and (old["email"] == view.email or refs.intersection(old.get("refs") or ()))
-            ]:
-                del self._contacts[other]
-                changed = True
+            others = {index.get(("email", view.email))}
+            others |= {index.get(("ref", r)) for r in view.refs}
+            for other in others - {None, view.contact_id}:
+                assert other is not None
+                if self._contacts.pop(other, None) is not None:
+                    changed = True
             if self._contacts.get(view.contact_id) != row:
                 self._contacts[view.contact_id] = row
                 changed = True
+            for key in [("email", view.email), *(("ref", r) for r in view.refs)]:
+                index[key] = view.contact_id
         new_actions = [
             action_row(a, emails.get(a.contact_id, ""))
             for a in batch.actions
             if a.action_id not in self._action_ids
         ]
         for erasure in batch.erasures:
-            refs = set(erasure.refs)
-            gone = {
-                cid
-                for cid, old in self._contacts.items()
-                if old["email"] == erasure.email or refs.intersection(old.get("refs") or ())
-            }
-            for cid in gone:
+            keys = [("email", erasure.email), *(("ref", r) for r in erasure.refs)]
+            erased = {index[k] for k in keys if k in index and index[k] in self._contacts}
+            for cid in erased:
                 del self._contacts[cid]
-            changed = changed or bool(gone)
-            self._rewrite_actions(erasure.email, gone)
+            changed = changed or bool(erased)
+            self._rewrite_actions(erasure.email, erased)
         if new_actions:
             # Appended before the snapshot: a crash in between leaves the snapshot behind,
             # which the next push (the cursor did not move) brings up to date.
@@ -255,6 +251,15 @@ class _FileDestination:
             _write_new(self.contacts_path, self._dump_contacts(self._contacts.values()))
             report.requests += 1
         return report
+
+    def _index(self) -> dict[tuple[str, str], int]:
+        """Who holds each e-mail and ref in the snapshot."""
+        index: dict[tuple[str, str], int] = {}
+        for cid, row in self._contacts.items():
+            index[("email", row["email"])] = cid
+            for ref in row.get("refs") or ():
+                index[("ref", ref)] = cid
+        return index
 
     def _rewrite_actions(self, email: str, contact_ids: set[int]) -> None:
         if not self.actions_path.exists():

@@ -47,13 +47,14 @@ __all__ = [
     "PusherCollector",
     "PusherStats",
     "alongside",
+    "status_line",
 ]
 
 log = logging.getLogger("proca_sync.destinations")
 
 DEFAULT_LEASE_TTL = 15.0
 """Seconds a lease lasts without renewal: the longest a dead pusher blocks another."""
-DEFAULT_WINDOW = 2_000
+DEFAULT_WINDOW = 5_000
 """Changes read per round."""
 IDLE_POLL = 1.0
 """Seconds between looks at the change log while following without a commit signal."""
@@ -112,6 +113,9 @@ class Pusher:
         self.window = window
         self.breaker = breaker or Breaker(threshold=3, base_delay=0.5, max_delay=max_delay)
         self.max_delay = max_delay
+        self.concurrency = max(1, int(getattr(destination, "concurrency", 1)))
+        """Batches in flight at once: the connector's ``concurrency`` attribute, if any
+        (how many requests its API takes in parallel; its rate limiter still paces them)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stats = PusherStats()
         self.progress: Callable[[PusherStats], None] | None = None
@@ -254,11 +258,18 @@ class Pusher:
             return True
         self.stats.pending = await self._db(self.state.pending)
         self._report()
-        for batch in plan.batches(self.batch_size):
-            if not await self._push(batch, plan):
-                return False  # stopped or out of time: the cursor stays
-            if self._lease_lost:
-                raise LeaseLostError("lease lost")
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(batch: Batch) -> bool:
+            async with slots:
+                return await self._push(batch, plan)
+
+        # Batches of one window hold distinct contacts: they may be in flight together.
+        done = await asyncio.gather(*(one(b) for b in plan.batches(self.batch_size)))
+        if self._lease_lost:
+            raise LeaseLostError("lease lost")
+        if not all(done):
+            return False  # stopped or out of time: the cursor stays
         await self._db(self.state.advance, self.owner, plan.last_seq)
         return False
 
@@ -463,3 +474,16 @@ class PusherCollector:
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
             last.add_metric([name], stats.last_success or 0)
         yield from (items, requests, parked, failures, pending, breaker, last)
+
+
+def status_line(pushers: Sequence[Pusher]) -> str:
+    """One short line per the pushers, for the live status line (counts only)."""
+    parts = []
+    for pusher in pushers:
+        stats = pusher.stats
+        state = "" if stats.breaker == "closed" else f" breaker {stats.breaker}"
+        parts.append(
+            f"{pusher.name}: {stats.contacts}c/{stats.actions}a pushed, "
+            f"{stats.pending} pending, {stats.parked} parked{state}"
+        )
+    return " | ".join(parts)

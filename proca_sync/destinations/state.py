@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 
 from proca_sync.crm.sql import SqlBackend
@@ -30,8 +40,6 @@ from proca_sync.crm.sql.schema import (
     actions,
     campaigns,
     changes,
-    contact_keys,
-    contacts,
     destination_items,
     destination_parked,
     destinations,
@@ -105,6 +113,20 @@ class Plan:
             )
         for start in range(0, len(self.erasures), size):
             yield Batch(erasures=self.erasures[start : start + size])
+
+
+_CONTACTS_SQL = text(
+    "SELECT id, admitted, email, first_name, last_name, postcode, country, fields, real, "
+    "opted_in, opt_in_at, email_status, email_status_changed, subscribed, updated_at "
+    "FROM contacts WHERE id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+_REFS_SQL = text(
+    "SELECT contact_id, value FROM contact_keys WHERE kind = 'ref' AND contact_id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+_ACTIONS_SQL = text(
+    "SELECT action_id, contact_id, action_type, campaign, created_at, testing, data "
+    "FROM actions WHERE contact_id IN :ids ORDER BY created_at, action_id"
+).bindparams(bindparam("ids", expanding=True))
 
 
 def digest(value: Any) -> str:
@@ -315,19 +337,13 @@ class LedgerState:
         refs: dict[int, list[str]] = {}
         acts: dict[int, list[Any]] = {}
         for chunk in _chunks(ids):
-            for row in conn.execute(select(contacts).where(contacts.c.id.in_(chunk))):
+            # Plain text statements: rows without SQLAlchemy's per-value processing (the
+            # JSON columns are decoded by orjson in _json).
+            for row in conn.execute(_CONTACTS_SQL, {"ids": list(chunk)}):
                 rows[row.id] = row
-            for cid, value in conn.execute(
-                select(contact_keys.c.contact_id, contact_keys.c.value).where(
-                    contact_keys.c.contact_id.in_(chunk), contact_keys.c.kind == "ref"
-                )
-            ):
+            for cid, value in conn.execute(_REFS_SQL, {"ids": list(chunk)}):
                 refs.setdefault(cid, []).append(value)
-            for row in conn.execute(
-                select(actions).where(actions.c.contact_id.in_(chunk)).order_by(
-                    actions.c.created_at, actions.c.action_id
-                )
-            ):
+            for row in conn.execute(_ACTIONS_SQL, {"ids": list(chunk)}):
                 acts.setdefault(row.contact_id, []).append(row)
         eligible = [
             cid
@@ -423,16 +439,20 @@ class LedgerState:
             return
         with self._begin() as conn:
             self._fence(conn, owner)
-            keys = list(done) + list(parked)
-            for chunk in _chunks(keys):
-                pairs = [(kind, entity) for kind, entity in chunk]
-                for table in (destination_items, destination_parked):
-                    conn.execute(
-                        delete(table).where(
-                            table.c.destination == self.name,
-                            tuple_(table.c.kind, table.c.entity).in_(pairs),
+            by_kind: dict[str, list[str]] = {}
+            for item_kind, entity in [*done, *parked]:
+                by_kind.setdefault(item_kind, []).append(entity)
+            # Per kind, so that the primary key (destination, kind, entity) finds the rows.
+            for kind, entities in by_kind.items():
+                for chunk in _chunks(entities):
+                    for table in (destination_items, destination_parked):
+                        conn.execute(
+                            delete(table).where(
+                                table.c.destination == self.name,
+                                table.c.kind == kind,
+                                table.c.entity.in_(chunk),
+                            )
                         )
-                    )
             if done:
                 conn.execute(
                     insert(destination_items),

@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -35,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from proca_sync.crm.base import ApplyResult
-from proca_sync.crm.sql.changelog import TombstoneCheck, forget, upgrade
+from proca_sync.crm.sql.changelog import TombstoneCheck, forget, load_erasure_key, upgrade
 from proca_sync.crm.sql.schema import (
     _OPT_IN_VALUES,
     SCHEMA_VERSION,
@@ -107,6 +108,7 @@ class SqlBackend:
         self._writes = write_engine(self.engine)
         self.tombstones = TombstoneCheck(erasure_key) if erasure_key else None
         self.has_tombstones = False
+        self._key_file: Path | None = None
         self.commit_hooks: list[Callable[[], None]] = []
         """Called (in the writer thread) after each commit that logged changes."""
         self.url = str(self.engine.url)
@@ -125,8 +127,23 @@ class SqlBackend:
         """The key of the tombstones' hashes (see :mod:`proca_sync.crm.sql.changelog`)."""
         self.tombstones = TombstoneCheck(key)
 
+    def watch_erasure_key(self, path: Path) -> None:
+        """Load the erasure key from ``path`` now if it exists, else as soon as it does
+        (``crm forget`` creates it): checked before each batch, so a process started
+        before the first erasure keeps erased people erased without a restart."""
+        self._key_file = path
+        self._load_key_file()
+
+    def _load_key_file(self) -> None:
+        path = self._key_file
+        if self.tombstones is None and path is not None and path.exists():
+            key = load_erasure_key(path, create=False)
+            if key is not None:
+                self.attach_erasure_key(key)
+
     async def open(self) -> None:
         await self._run(self.open_sync)
+        self._load_key_file()
         if self.has_tombstones and self.tombstones is None:
             raise ConfigError(
                 "the CRM holds erased contacts: give the erasure key "
@@ -222,6 +239,7 @@ class SqlBackend:
         self.open_sync()
         if not records:
             return []
+        self._load_key_file()
         results = self._apply_isolating(records)
         self._written += len(records)
         if self._statements.postgres and self._written >= self._analyse_at:
