@@ -100,7 +100,10 @@ def demo(
     if pipeline:
         from proca_sync.pipeline.demo import run_pipeline_demo
 
-        walked = asyncio.run(run_pipeline_demo(plan, key, supporters=min(actions, 200)))
+        try:
+            walked = asyncio.run(run_pipeline_demo(plan, key, supporters=min(actions, 200)))
+        except ConfigError as exc:
+            raise die(str(exc), ExitStatus.FAILED) from None
         out.print(
             f"pipeline: {walked.submitted} supporters submitted over HTTP, "
             f"{walked.confirmed} confirmed ({walked.double_opt_in} with double opt-in), "

@@ -296,13 +296,15 @@ def create_app(config: PipelineConfig, *, engine: Engine | None = None) -> FastA
         return result
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Name the field and the rule; never the submitted value (no "input", no "ctx").
         items = []
         for error in exc.errors()[:20]:
             location = [str(part) for part in error.get("loc", ()) if part != "body"]
             items.append({"field": ".".join(location) or None, "message": str(error["msg"])})
-        return JSONResponse(status_code=422, content={"errors": items})
+        # A malformed confirmation link is a 400 (processing.md §7); bodies are 422.
+        status = 400 if request.url.path.startswith("/link/") else 422
+        return JSONResponse(status_code=status, content={"errors": items})
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:

@@ -290,7 +290,7 @@ async def run_pipeline_demo(
                 channel = await connection.channel()
                 queue = await channel.get_queue(supporter_confirm_queue(plan.org), ensure=True)
                 handled = 0
-                deadline = asyncio.get_running_loop().time() + 30
+                deadline = asyncio.get_running_loop().time() + 60
                 while handled < supporters:
                     message = await queue.get(fail=False)
                     if message is None:
@@ -298,6 +298,7 @@ async def run_pipeline_demo(
                             break
                         await asyncio.sleep(0.05)
                         continue
+                    deadline = asyncio.get_running_loop().time() + 60  # per message
                     document = orjson.loads(message.body)
                     action_id, ref = document["actionId"], document["contact"]["contactRef"]
                     links = supporter_links(base, action_id, ref)
@@ -327,6 +328,7 @@ async def run_pipeline_demo(
                         result.bounced += 1
                     await message.ack()
                     handled += 1
+        limit = asyncio.get_running_loop().time() + 120
         while True:  # until the outbox is fully published
             with engine.connect() as conn:
                 pending = conn.execute(
@@ -337,6 +339,8 @@ async def run_pipeline_demo(
                 ).scalar_one()
             if pending == 0:
                 break
+            if asyncio.get_running_loop().time() > limit:
+                raise ConfigError("the pipeline could not publish its outbox: is the broker up?")
             await asyncio.sleep(0.1)
     finally:
         server.should_exit = True

@@ -129,6 +129,8 @@ async def test_supporter_confirmation_doi_bounce_and_reject(pipeline: Pipeline) 
     code, _, _ = await pipeline.get(
         f"/link/s/{second['actionId']}/accept/{first['contactRef']}")
     assert code == 404
+    code, answer, _ = await pipeline.get(f"/link/s/{second['actionId']}/accept/no!")
+    assert code == 400 and answer["errors"][0]["field"] == "path.contactRef"
     await asyncio.sleep(0.5)  # sleep-ok: give a wrongly emitted message time to show up
     assert await pipeline.depth(deliver_queue(pipeline.org)) == 0
 

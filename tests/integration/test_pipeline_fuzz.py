@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.support.pipeline import Pipeline
 
-EXAMPLES = int(os.environ.get("PROCA_FUZZ_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("PROCA_FUZZ_EXAMPLES", "6"))
 
 
 @pytest.fixture(scope="module")
