@@ -182,6 +182,8 @@ async def test_parking_cut_short_by_a_lost_channel_is_not_lost_count(
     consumer_processes.append(process)
     await eventually(lambda: bool(process.event("metrics")), within=30, what="metrics port")
     port = process.event("metrics")[0]["port"]
+    # `run` connects to the broker, then opens its stores: lock only once it consumes.
+    await eventually(lambda: bool(process.event("started")), within=30, what="consuming")
     locker = sqlite3.connect(parked_file, isolation_level=None, timeout=1)
     locker.execute("BEGIN EXCLUSIVE")
     try:
