@@ -317,6 +317,29 @@ class Consumer:
         for lane in done:
             self.lanes.finish(lane)
         self._work.set()
+        if self.log_each:
+            self._log_batch(to_settle, len(taken), time.monotonic() - started)
+
+    def _log_batch(
+        self, settled: list[tuple[Delivery, Decision]], size: int, seconds: float
+    ) -> None:
+        """One INFO line per batch: how many of its messages went which way (counts only)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        labels: dict[str, int] = {}
+        outcomes = {"ack": 0, "retry": 0, "park": 0}
+        for _, decision in settled:
+            labels[decision.label] = labels.get(decision.label, 0) + 1
+            outcomes[decision.outcome.value] = outcomes.get(decision.outcome.value, 0) + 1
+        held = size - len(settled)
+        log.info(
+            "batch of %d: %d acked, %d retried, %d parked, %d held (%.1f ms)",
+            size, outcomes["ack"], outcomes["retry"], outcomes["park"], held, seconds * 1000,
+            extra={"fields": {"event": "batch", "size": size, "acked": outcomes["ack"],
+                              "retried": outcomes["retry"], "parked": outcomes["park"],
+                              "held": held, "by_label": labels,
+                              "ms": round(seconds * 1000, 1)}},
+        )  # fmt: skip
 
     async def _apply_single(self, record: SyncRecord) -> ApplyResult | BaseException:
         try:
@@ -390,7 +413,11 @@ class Consumer:
 
     def _count(self, delivery: Delivery, decision: Decision) -> None:
         self.stats.settled(decision.outcome, decision.label)
-        if self.log_each or decision.outcome is Outcome.PARK:
+        # Parked and retried messages are always logged, one line each; an ack only at
+        # DEBUG (at INFO a batch says what became of its messages in one line).
+        if decision.outcome is not Outcome.ACK or (
+            self.log_each and log.isEnabledFor(logging.DEBUG)
+        ):
             self._log_outcome(delivery, decision)
         limit = self.settings.max_messages
         if limit is not None and self.stats.settled_total >= limit:
@@ -417,7 +444,9 @@ class Consumer:
             fields["reason"] = decision.reason.value
         if decision.outcome is not Outcome.ACK and decision.detail:
             fields["error"] = decision.detail
-        level = logging.WARNING if decision.outcome is Outcome.PARK else logging.INFO
+        level = {Outcome.PARK: logging.WARNING, Outcome.RETRY: logging.INFO}.get(
+            decision.outcome, logging.DEBUG
+        )
         log.log(level, "%s %s", decision.outcome.value, decision.label, extra={"fields": fields})
 
     def _request_flush(self) -> None:
@@ -624,7 +653,8 @@ async def serve(
 
     SIGTERM/SIGINT stop it gracefully (exit 0); a second signal exits at once (130).
     With a ``console`` (a terminal) a live status line is shown on it and only notable
-    events are logged; without, every outcome is one log line. Raises what
+    events are logged; without, each batch is one INFO line (one line per message at
+    DEBUG); parked and retried messages are always logged one by one. Raises what
     :meth:`Consumer.run` raises before consuming.
     """
     consumer = Consumer(
