@@ -37,7 +37,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from enum import IntEnum
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.live import Live
 
@@ -192,12 +192,12 @@ class Consumer:
 
     # ---- intake ---------------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         # No await at all: deliveries are queued in delivery order, and aiormq runs this
         # callback as a task of the channel that it cancels when the channel closes. Work
         # that must survive that (parking, then the ack or the count of a stale delivery)
         # runs in a task of ours, which shutdown waits for.
-        attempts = attempts_of(message.headers, self.settings.queue)
+        attempts = attempts_of(message.header.properties.headers, self.settings.queue)
         delivery = self.intake.delivery(message, attempts, time.monotonic())
         self.stats.delivered()
         if self._stopping:
@@ -430,7 +430,7 @@ class Consumer:
             "outcome": decision.outcome.value,
             "label": decision.label,
             "attempts": delivery.attempts,
-            "redelivered": bool(delivery.message.redelivered),
+            "redelivered": delivery.redelivered,
             "ms": round((time.monotonic() - delivery.received) * 1000, 1),
         }
         if record is not None:
