@@ -407,6 +407,11 @@ class Supervisor:
 
     # ---- public ---------------------------------------------------------------------------
 
+    @property
+    def settled(self) -> int:
+        """Messages settled by all workers so far (the shared ``--max-messages`` count)."""
+        return int(self._settled.value)
+
     def request_stop(self, reason: str, status: int = _EXIT_OK) -> None:
         if self._stop.is_set():
             return
