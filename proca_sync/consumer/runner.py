@@ -332,9 +332,10 @@ class Consumer:
             labels[decision.label] = labels.get(decision.label, 0) + 1
             outcomes[decision.outcome.value] = outcomes.get(decision.outcome.value, 0) + 1
         held = size - len(settled)
+        # The figures go in the fields only: a number in the text of a log line may look
+        # like someone's postcode to whoever greps the logs for one.
         log.info(
-            "batch of %d: %d acked, %d retried, %d parked, %d held (%.1f ms)",
-            size, outcomes["ack"], outcomes["retry"], outcomes["park"], held, seconds * 1000,
+            "batch settled",
             extra={"fields": {"event": "batch", "size": size, "acked": outcomes["ack"],
                               "retried": outcomes["retry"], "parked": outcomes["park"],
                               "held": held, "by_label": labels,
