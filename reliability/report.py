@@ -109,9 +109,8 @@ def render(
     add("| the list | `python -m reliability --list` | |\n")
     add("A quick run without `--only` leaves out the scale-out scenarios (several consumer "
         "processes on one queue: `scale-postgres`, `scale-sqlite`), which CI runs in a test "
-        "of their own; a full run includes them. Not built yet: the 3-node RabbitMQ cluster "
-        "scenario (a node stopped mid-stream under two consumers on quorum queues, "
-        "`topology declare --quorum`).\n")
+        "of their own; a full run includes them, and the `cluster` scenario (three RabbitMQ "
+        "nodes started by the suite itself, quorum queues, a node stopped mid-stream).\n")
     add("The run exits non-zero when anything is lost, applied twice, wrongly parked or "
         "leaked, or when a check fails. Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, "
         "`rabbitmqctl` usable: run as root or as the broker's user), the PostgreSQL server "

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from reliability import cluster as _cluster
 from reliability import scale as _scale
 from reliability.harness import (
     ROOT,
@@ -949,6 +950,16 @@ SCENARIOS: tuple[Scenario, ...] = (
         "Two `run` processes on one queue into one SQLite CRM and parking file (one writer "
         "at a time), one SIGKILLed mid-stream and restarted; both drain the queue.",
         _scale.scenario_scale_sqlite,
+        in_quick=False,
+    ),
+    Scenario(
+        "cluster",
+        "3-node RabbitMQ cluster, quorum queues, a node stopped",
+        "Three RabbitMQ nodes started on loopback (own names, ports and data directories) "
+        "and clustered; the org's queues are quorum queues (`topology declare --quorum`); "
+        "two consumers (on nodes 1 and 2) run while node 1 is stopped mid-stream and "
+        "started again.",
+        _cluster.scenario_cluster,
         in_quick=False,
     ),
 )
