@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,13 +117,26 @@ class RabbitCluster:
                 capture_output=True, timeout=120, check=False,
             )  # fmt: skip
         for node in self.nodes:
-            self.ctl(node, "await_startup", "--timeout", "150", timeout=200)
+            self.wait_up(node)
         first = self.nodes[0]
         for node in self.nodes[1:]:
             self.ctl(node, "stop_app")
             self.ctl(node, "join_cluster", first.name)
             self.ctl(node, "start_app")
-            self.ctl(node, "await_startup", "--timeout", "150", timeout=200)
+            self.wait_up(node)
+
+    def wait_up(self, node: Node, within: float = 180) -> None:
+        """Until the node has booted. ``await_startup`` fails at once while the node is
+        not yet known to epmd, so it is asked again until ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                self.ctl(node, "await_startup", "--timeout", "60", timeout=90)
+                return
+            except ScenarioFailure:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(1.0)  # sleep-ok: a poll interval inside a deadline
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -200,7 +214,7 @@ async def scenario_cluster(ctx: Context, result: ScenarioResult) -> None:
         await wait_progress(lambda: sqlite_applied(crm_file), at + 50, consumers[1],
                             within=120, what="progress with node 1 down")  # fmt: skip
         await asyncio.to_thread(cluster.ctl, one, "start_app")
-        await asyncio.to_thread(cluster.ctl, one, "await_startup", "--timeout", "150")
+        await asyncio.to_thread(cluster.wait_up, one)
         result.note(f"node 1 stopped (stop_app) at {at} applied, started again after "
                     f"{sqlite_applied(crm_file) - at} more were applied through node 2")
         for consumer in consumers:
