@@ -90,9 +90,9 @@ async def scenario_scale_postgres(ctx: Context, result: ScenarioResult) -> None:
         sized,
     )
 
-    kills = sized(ctx, 3, 8)
+    kills = sized(ctx, 2, 8)
     with PrivatePostgres() as pg:
-        s = await setup(ctx, "scale-postgres", actions=sized(ctx, 450, 4000), seed=401,
+        s = await setup(ctx, "scale-postgres", actions=sized(ctx, 300, 4000), seed=401,
                         crm=pg.url)  # fmt: skip
         s.parked = pg.url  # the parking store in the same database
         progress = pg_applied(pg.url)
@@ -142,7 +142,7 @@ async def scenario_scale_sqlite(ctx: Context, result: ScenarioResult) -> None:
         sqlite_applied,
     )
 
-    s = await setup(ctx, "scale-sqlite", actions=sized(ctx, 400, 3000), seed=402)
+    s = await setup(ctx, "scale-sqlite", actions=sized(ctx, 300, 3000), seed=402)
     crm_file = s.directory / "crm.db"
     args = s.consumer_args("--concurrency", "2", "--prefetch", "20", "--batch-size", "10",
                            "--exit-when-idle")  # fmt: skip
