@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from proca_sync.cli import consumer, crm, demo, keys, parked, replay
+from proca_sync.cli import config, consumer, crm, demo, destinations, keys, parked, push, replay
 from proca_sync.cli.common import ExitCode, app, configure_logging
 from proca_sync.cli.replay import read_bodies
 from proca_sync.pipeline.commands import simulate, topology_app
@@ -13,7 +13,7 @@ from proca_sync.pipeline.commands import simulate, topology_app
 __all__ = ["ExitCode", "app", "configure_logging", "main", "read_bodies"]
 
 # The modules register their commands on ``app`` when imported.
-_COMMAND_MODULES = (replay, keys, crm, consumer, parked, demo)
+_COMMAND_MODULES = (replay, keys, crm, consumer, parked, demo, push, destinations, config)
 
 app.add_typer(topology_app, name="topology", help="Declare and inspect an org's Proca queues.")
 app.command("simulate")(simulate)

@@ -9,34 +9,50 @@ PROCA_PASSWORD (or an --env-file), never from argv, and are never printed.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from proca_sync.cli.common import (
     CaFileOption,
+    CrmOption,
     EnvFileOption,
     KeysOption,
+    LogLevel,
+    LogLevelOption,
     ModeOption,
     ParkedOption,
     QueueOption,
     SkipTestingOption,
     UrlOption,
+    WebhookHeadersFileOption,
+    WebhookSecretFileOption,
+    WebhookTimeoutOption,
     app,
     configure_logging,
     consumer_settings,
+    crm_backend,
     die,
     err,
+    message_progress,
     on_broker,
     out,
     quiet_amqp_logs,
+    warn_if_readable,
 )
+from proca_sync.cli.config import (
+    DEFAULT_ERASURE_KEY,
+    ConfigOption,
+    ErasureKeyOption,
+    attach_erasure_key,
+    config_of,
+    destinations_of,
+)
+from proca_sync.cli.push import LeaseTtlOption
 from proca_sync.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -52,8 +68,15 @@ from proca_sync.consumer.intake import BrokerUnavailableError, IntakeError
 from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.runner import ExitStatus, serve
 from proca_sync.consumer.supervisor import Supervisor, parse_workers
-from proca_sync.crm import backend_from_url
+from proca_sync.crm.base import Backend
+from proca_sync.crm.sql import SqlBackend, check_store_url
 from proca_sync.crypto import Keystore
+from proca_sync.destinations.pusher import (
+    DEFAULT_LEASE_TTL,
+    Pusher,
+    PusherCollector,
+    alongside,
+)
 from proca_sync.errors import ConfigError
 from proca_sync.sync.records import Mode
 
@@ -63,17 +86,12 @@ app.add_typer(queue_app, name="queue")
 
 @app.command("run")
 def run_consumer(
+    ctx: typer.Context,
     queue: QueueOption,
     env_file: EnvFileOption = None,
+    config: ConfigOption = None,
     url: UrlOption = None,
-    crm: Annotated[
-        str,
-        typer.Option(
-            "--crm",
-            envvar="PROCA_CRM",
-            help="CRM URL: sqlite:///…, postgresql://…, http(s)://… (webhook), null:.",
-        ),
-    ] = DEFAULT_CRM_URL,
+    crm: CrmOption = DEFAULT_CRM_URL,
     keys: KeysOption = None,
     mode: ModeOption = Mode.ALL,
     skip_testing: SkipTestingOption = False,
@@ -147,7 +165,10 @@ def run_consumer(
     shutdown_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds to let in-flight batches finish on shutdown.")
     ] = DEFAULT_SHUTDOWN_TIMEOUT,
-    log_level: Annotated[str, typer.Option(envvar="PROCA_LOG_LEVEL", help="Log level.")] = "INFO",
+    log_level: LogLevelOption = LogLevel.INFO,
+    webhook_secret_file: WebhookSecretFileOption = None,
+    webhook_headers_file: WebhookHeadersFileOption = None,
+    webhook_timeout: WebhookTimeoutOption = None,
     workers: Annotated[
         str,
         typer.Option(
@@ -156,13 +177,23 @@ def run_consumer(
             "one per core). Above 1 needs an order-independent CRM (SQL or null:).",
         ),
     ] = "1",
+    push: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--push",
+            help="Also push the CRM's changes to this destination ([destinations.NAME] of "
+            "the config file), continuously, woken by each commit (repeatable).",
+        ),
+    ] = None,
+    lease_ttl: LeaseTtlOption = DEFAULT_LEASE_TTL,
+    erasure_key: ErasureKeyOption = DEFAULT_ERASURE_KEY,
 ) -> None:
     """Consume a Proca queue into the CRM until stopped (SIGTERM/SIGINT: graceful; twice: now).
 
     Acks only after the CRM committed; parks messages that cannot succeed (see `parked`);
     retries transient CRM failures; pauses while the CRM is down (circuit breaker).
     """
-    configure_logging(log_level.upper())
+    console = configure_logging(log_level)
     quiet_amqp_logs(log_level)
     settings = consumer_settings(
         url=url,
@@ -185,6 +216,14 @@ def run_consumer(
         max_messages=max_messages,
         shutdown_timeout=shutdown_timeout,
     )
+    # Checked before connecting (no I/O, nothing created): a mistyped CRM or parking
+    # location, key store or TLS file is a configuration error (exit 2), not an outage.
+    backend = crm_backend(
+        crm,
+        secret_file=webhook_secret_file,
+        headers_file=webhook_headers_file,
+        timeout=webhook_timeout,
+    )
     try:
         processes = parse_workers(workers)
     except ValueError as exc:
@@ -200,31 +239,38 @@ def run_consumer(
     try:
         settings.ssl_context()
         keystore = Keystore.load(keys) if keys is not None else None
-        backend = backend_from_url(crm)
+        check_store_url(parked, what="parking store")
         parking = ParkingStore(parked)
     except ConfigError as exc:
         raise die(str(exc), ExitStatus.CONFIG) from None
-    console: Console | None = None
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        console = err
-        handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
-        logging.getLogger("proca_sync").handlers[:] = [handler]
+    pushers = _pushers(ctx, backend, push or [], lease_ttl=lease_ttl, erasure_key=erasure_key)
+    if keys is not None:
+        warn_if_readable(keys)
     if processes > 1:
+        # The workers consume; this process pushes the destinations (under their lease),
+        # following the change log the workers write.
         supervisor = Supervisor(
-            settings, workers=processes, keys=keys, log_level=log_level.upper(),
+            settings, workers=processes, keys=keys, log_level=str(log_level).upper(),
             setup_logging=configure_logging, log_each=console is None,
         )  # fmt: skip
-        code, all_stats = asyncio.run(supervisor.run(console=console))
+        code, all_stats = asyncio.run(alongside(supervisor.run(console=console), pushers))
         totals = all_stats.totals()
         status = ExitStatus(code)
     else:
         try:
             status, stats = asyncio.run(
-                serve(settings, backend=backend, parking=parking, keystore=keystore,
-                      console=console)
-            )  # fmt: skip
+                alongside(
+                    serve(
+                        settings,
+                        backend=backend,
+                        parking=parking,
+                        keystore=keystore,
+                        console=console,
+                        collectors=[PusherCollector(pushers)] if pushers else (),
+                    ),
+                    pushers,
+                )
+            )
         except (IntakeError, ConfigError) as exc:
             raise die(str(exc), ExitStatus.CONFIG) from None
         except BrokerUnavailableError as exc:
@@ -240,6 +286,29 @@ def run_consumer(
             table.add_row(f"  {label}", str(count))
         out.print(table)
     raise typer.Exit(int(status))
+
+
+def _pushers(
+    ctx: typer.Context, backend: Backend, names: list[str], *, lease_ttl: float, erasure_key: Path
+) -> list[Pusher]:
+    """The pushers of ``run --push``, on the SQL CRM (which gets the erasure key)."""
+    if isinstance(backend, SqlBackend):
+        attach_erasure_key(backend, erasure_key, create=True)
+    if not names:
+        return []
+    if not isinstance(backend, SqlBackend):
+        raise die("--push needs the SQL CRM (sqlite:/// or postgresql://)", ExitStatus.CONFIG)
+    tables = config_of(ctx).destinations
+    return [
+        Pusher(
+            backend,
+            destination,
+            include_testing=bool(tables[destination.name].get("include_testing", False)),
+            batch_size=tables[destination.name].get("batch_size"),
+            lease_ttl=lease_ttl,
+        )
+        for destination in destinations_of(ctx, names)
+    ]
 
 
 @queue_app.command("status")
@@ -330,7 +399,10 @@ def peek_command(
 @app.command("dump")
 def dump_command(
     queue: QueueOption,
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the .jsonl/.json files.")],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="Directory for the .jsonl/.json files (created 0600)."),
+    ],
     env_file: EnvFileOption = None,
     url: UrlOption = None,
     ca_file: CaFileOption = None,
@@ -343,7 +415,21 @@ def dump_command(
     Each chunk is fsync'd before it is acked: a message is never only in memory.
     """
     settings = consumer_settings(url=url, queue=queue, ca_file=ca_file)
-    report = on_broker(settings, lambda connection: dump(connection, queue, out_dir, count=count))
+    console = err if err.is_terminal else None
+    if console is None:
+        report = on_broker(
+            settings, lambda connection: dump(connection, queue, out_dir, count=count)
+        )
+    else:
+        with message_progress(console, total_known=count is not None) as progress:
+            task = progress.add_task(f"dump {queue}", total=count)
+            report = on_broker(
+                settings,
+                lambda connection: dump(
+                    connection, queue, out_dir, count=count,
+                    on_chunk=lambda n: progress.advance(task, n),
+                ),
+            )
     out.print(
         f"moved {report.messages} message(s) from {queue} "
         f"into {len(report.files)} file(s) in {out_dir}"

@@ -8,19 +8,27 @@ from typing import Annotated
 
 import orjson
 import typer
+from rich import box
 from rich.table import Table
 
 from proca_sync.cli.common import (
     CrmOption,
+    EnvFileOption,
     KeysOption,
     ModeOption,
     ParkedOption,
     SkipTestingOption,
+    WebhookHeadersFileOption,
+    WebhookSecretFileOption,
+    WebhookTimeoutOption,
     app,
     configure_logging,
+    crm_backend,
     die,
     load_keystore,
+    message_progress,
     out,
+    require_existing_store,
 )
 from proca_sync.config import (
     DEFAULT_CRM_URL,
@@ -29,7 +37,6 @@ from proca_sync.config import (
 from proca_sync.consumer.browse import summarize
 from proca_sync.consumer.parking import ParkedMessage, ParkingStore, RetryResult, retry_parked
 from proca_sync.consumer.runner import ExitStatus
-from proca_sync.crm import backend_from_url
 from proca_sync.engine import Engine
 from proca_sync.errors import ConfigError, ProcaSyncError
 from proca_sync.sync.model import Options
@@ -43,6 +50,9 @@ app.add_typer(parked_app, name="parked")
 
 
 def _open_parking(url: str) -> ParkingStore:
+    """The parking store at ``url``; a SQLite file that does not exist is an error (exit
+    2): every ``parked`` command reads, and an empty store is never created to read it."""
+    require_existing_store(url, what="parking store", option="--parked")
     try:
         store = ParkingStore(url)
         store.open_sync()
@@ -61,6 +71,7 @@ def _parked_or_exit(store: ParkingStore, parked_id: int) -> ParkedMessage:
 @parked_app.command("list")
 def parked_list(
     parked: ParkedOption = DEFAULT_PARKED_URL,
+    env_file: EnvFileOption = None,
     limit: Annotated[int, typer.Option(min=1, help="Rows to show.")] = 100,
     reason: Annotated[str | None, typer.Option(help="Only this reason code.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
@@ -84,19 +95,26 @@ def parked_list(
             }
             sys.stdout.write(orjson.dumps(entry).decode() + "\n")
         return
-    table = Table(title=f"parked messages ({total})")
-    for column in ("id", "parked at", "queue", "reason", "attempts", "actionId", "kind"):
-        table.add_column(column)
+    # Fits 80 columns: light borders; queue and reason are what an operator copies into
+    # the next command, so they fold over lines, never cut.
+    table = Table(
+        title=f"parked messages ({total})",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    # Full time and kind: `parked show` and --json.
+    for column in ("id", "parked", "queue", "reason", "tries", "actionId"):
+        table.add_column(column, overflow="fold", justify="right" if column == "id" else "left")
     for row in rows:
         summary = summarize(row.body)
         table.add_row(
             str(row.id),
-            row.parked_at,
+            row.parked_at[5:16].replace("T", " "),
             row.queue,
             row.reason,
             str(row.attempts),
             "-" if summary.action_id is None else str(summary.action_id),
-            summary.kind or "-",
         )
     out.print(table)
 
@@ -105,6 +123,7 @@ def parked_list(
 def parked_show(
     parked_id: Annotated[int, typer.Argument(help="Parked message id.")],
     parked: ParkedOption = DEFAULT_PARKED_URL,
+    env_file: EnvFileOption = None,
     body: Annotated[
         bool, typer.Option("--body", help="Also print the raw body (it holds personal data).")
     ] = False,
@@ -114,6 +133,8 @@ def parked_show(
     message = _parked_or_exit(store, parked_id)
     summary = summarize(message.body)
     table = Table(show_header=False, title=f"parked message {message.id}")
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in (
         ("reason", message.reason),
         ("detail", message.detail),
@@ -155,9 +176,13 @@ def parked_retry(
     all_: Annotated[bool, typer.Option("--all", help="Retry every parked message.")] = False,
     parked: ParkedOption = DEFAULT_PARKED_URL,
     crm: CrmOption = DEFAULT_CRM_URL,
+    env_file: EnvFileOption = None,
     keys: KeysOption = None,
     mode: ModeOption = Mode.ALL,
     skip_testing: SkipTestingOption = False,
+    webhook_secret_file: WebhookSecretFileOption = None,
+    webhook_headers_file: WebhookHeadersFileOption = None,
+    webhook_timeout: WebhookTimeoutOption = None,
 ) -> None:
     """Feed parked messages through the engine into the CRM again.
 
@@ -166,28 +191,38 @@ def parked_retry(
     """
     if (parked_id is None) == (not all_):
         raise die("give one parked message id or --all", ExitStatus.CONFIG)
-    configure_logging()
+    console = configure_logging()
     store = _open_parking(parked)
     ids = store.ids() if all_ else [_parked_or_exit(store, parked_id or 0).id]
-    try:
-        backend = backend_from_url(crm)
-    except ConfigError as exc:
-        raise die(str(exc), ExitStatus.CONFIG) from None
+    backend = crm_backend(
+        crm,
+        secret_file=webhook_secret_file,
+        headers_file=webhook_headers_file,
+        timeout=webhook_timeout,
+    )
     engine = Engine(
         backend=backend,
-        keystore=load_keystore(keys),
+        keystore=load_keystore(keys, warn_readable=True),
         options=Options(mode=mode, skip_testing=skip_testing),
     )
 
     async def work() -> list[RetryResult]:
         await backend.open()
         try:
-            return await retry_parked(store, engine, ids)
+            if console is None or len(ids) < 2:
+                return await retry_parked(store, engine, ids)
+            with message_progress(console) as progress:
+                task = progress.add_task("retrying parked messages", total=len(ids))
+                return await retry_parked(
+                    store, engine, ids, on_result=lambda _r: progress.advance(task)
+                )
         finally:
             await backend.close()
 
     try:
         results = asyncio.run(work())
+    except ConfigError as exc:
+        raise die(f"CRM: {exc}", ExitStatus.CONFIG) from None
     except ProcaSyncError as exc:
         raise die(f"CRM: {exc}", ExitStatus.FAILED) from None
     for result in results:
@@ -202,6 +237,7 @@ def parked_retry(
 def parked_drop(
     parked_id: Annotated[int, typer.Argument(help="Parked message id.")],
     parked: ParkedOption = DEFAULT_PARKED_URL,
+    env_file: EnvFileOption = None,
 ) -> None:
     """Delete one parked message for good."""
     store = _open_parking(parked)

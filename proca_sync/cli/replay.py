@@ -14,19 +14,26 @@ from rich.table import Table
 
 from proca_sync.cli.common import (
     CrmOption,
+    EnvFileOption,
     ExitCode,
     KeysOption,
     ModeOption,
     SkipTestingOption,
+    WebhookHeadersFileOption,
+    WebhookSecretFileOption,
+    WebhookTimeoutOption,
     app,
     configure_logging,
+    crm_backend,
+    err,
     fail,
     load_keystore,
     log,
+    message_progress,
     out,
 )
-from proca_sync.crm import backend_from_url
-from proca_sync.crm.sql import DEFAULT_URL
+from proca_sync.cli.config import DEFAULT_ERASURE_KEY, ErasureKeyOption, attach_erasure_key
+from proca_sync.crm.sql import DEFAULT_URL, SqlBackend
 from proca_sync.engine import Engine, Summary
 from proca_sync.errors import ConfigError, ProcaSyncError
 from proca_sync.sync.model import Options
@@ -52,6 +59,23 @@ def _expand(paths: list[str]) -> list[str]:
         else:
             files.append(raw)
     return files
+
+
+PROGRESS_FROM = 1_000
+"""Messages from which ``replay`` shows a progress bar on a terminal."""
+
+
+def count_messages(paths: list[str]) -> int | None:
+    """How many messages ``read_bodies(paths)`` will yield (None when reading stdin)."""
+    if "-" in paths:
+        return None
+    total = 0
+    for name in paths:
+        if Path(name).suffix in _LINE_SUFFIXES:
+            total += sum(1 for line in Path(name).read_bytes().split(b"\n") if line.strip())
+        else:
+            total += 1
+    return total
 
 
 def read_bodies(paths: list[str]) -> Iterator[tuple[str, bytes]]:
@@ -151,31 +175,62 @@ def replay(
         typer.Argument(help="Message files (.json, .jsonl, .ndjson), directories, or - for stdin."),
     ],
     crm: CrmOption = DEFAULT_URL,
+    env_file: EnvFileOption = None,
     keys: KeysOption = None,
     mode: ModeOption = Mode.ALL,
     skip_testing: SkipTestingOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     batch: Annotated[int, typer.Option(min=1, help="Records per CRM commit.")] = 500,
+    erasure_key: ErasureKeyOption = DEFAULT_ERASURE_KEY,
+    webhook_secret_file: WebhookSecretFileOption = None,
+    webhook_headers_file: WebhookHeadersFileOption = None,
+    webhook_timeout: WebhookTimeoutOption = None,
 ) -> None:
     """Run messages from files through the sync engine into the CRM.
 
     Exit 0 when every message was synced or ignored, 1 when some were rejected (the
     others are still synced), 2 on usage errors.
     """
-    configure_logging()
+    console = configure_logging()
     files = _expand(paths)
-    keystore = load_keystore(keys)
-    try:
-        backend = backend_from_url(crm)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
+    if not files:
+        err.print(
+            "[yellow]warning:[/yellow] no .json, .jsonl or .ndjson file found in "
+            + ", ".join(paths),
+            soft_wrap=True,
+        )
+    keystore = load_keystore(keys, warn_readable=True)
+    backend = crm_backend(
+        crm,
+        secret_file=webhook_secret_file,
+        headers_file=webhook_headers_file,
+        timeout=webhook_timeout,
+    )
+    if isinstance(backend, SqlBackend):  # so that erased people stay erased
+        attach_erasure_key(backend, erasure_key, create=False)
     engine = Engine(
         backend=backend, keystore=keystore, options=Options(mode=mode, skip_testing=skip_testing)
     )
+    total = count_messages(files) if console is not None else None
     try:
-        summary = asyncio.run(_replay(engine, read_bodies(files), batch))
+        if console is not None and total is not None and total >= PROGRESS_FROM:
+            with message_progress(console) as progress:
+                task = progress.add_task("replay", total=total)
+
+                def advancing() -> Iterator[tuple[str, bytes]]:
+                    for item in read_bodies(files):
+                        yield item
+                        progress.advance(task)
+
+                summary = asyncio.run(_replay(engine, advancing(), batch))
+        else:
+            summary = asyncio.run(_replay(engine, read_bodies(files), batch))
+    except ConfigError as exc:
+        raise fail(f"CRM: {exc}") from None
     except ProcaSyncError as exc:
         raise fail(f"CRM: {exc}", ExitCode.REJECTED) from None
+    if files and summary.total == 0:
+        err.print("[yellow]warning:[/yellow] no message found in the input", soft_wrap=True)
     if as_json:
         out.print_json(orjson.dumps(summary.as_dict()).decode())
     else:

@@ -16,10 +16,10 @@ import asyncio
 import datetime as dt
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiormq.exceptions
 import orjson
@@ -205,6 +205,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _open_private(path: Path, *, append: bool) -> BinaryIO:
+    """Open ``path`` for writing bytes; created 0600 whatever the umask (personal data)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "ab" if append else "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _DumpFiles:
     """The files of one dump (blocking I/O: called through a thread)."""
 
@@ -218,13 +230,13 @@ class _DumpFiles:
 
     def write(self, bodies: list[bytes]) -> None:
         """Append ``bodies`` and fsync everything before returning."""
-        with self.lines_path.open("ab") as lines:
+        with _open_private(self.lines_path, append=True) as lines:
             for position, body in enumerate(bodies, start=self.report.messages):
                 if body.strip() and b"\n" not in body and b"\r" not in body:
                     lines.write(body + b"\n")
                     continue
                 single = self.out_dir / f"{self.base}-{position:06d}.json"
-                with single.open("wb") as handle:
+                with _open_private(single, append=False) as handle:
                     handle.write(body)
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -244,13 +256,20 @@ class _DumpFiles:
 
 
 async def dump(
-    connection: AbstractConnection, queue: str, out_dir: Path, *, count: int | None = None
+    connection: AbstractConnection,
+    queue: str,
+    out_dir: Path,
+    *,
+    count: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> DumpReport:
-    """Move up to ``count`` messages (all, when ``None``) into files under ``out_dir``.
+    """Move up to ``count`` messages (all, when ``None``) into files under ``out_dir``;
+    ``on_chunk(n)`` is called after each chunk of ``n`` messages is written and acked.
 
     Bodies that are one line go to ``<queue>-<time>.jsonl``, one per line; any other body
     (pretty-printed JSON, blank, …) to its own ``<queue>-<time>-<n>.json``, bytes
-    unchanged. A chunk is acked only after its files are written and fsync'd.
+    unchanged. A chunk is acked only after its files are written and fsync'd. The files
+    hold personal data: they are created 0600, whatever the umask.
     """
     files = await asyncio.to_thread(_DumpFiles, out_dir, queue)
     channel, source = await _open_queue(connection, queue)
@@ -268,6 +287,8 @@ async def dump(
                 break
             await asyncio.to_thread(files.write, [m.body for m in chunk])
             await chunk[-1].ack(multiple=True)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
             if len(chunk) < limit:
                 break
     finally:

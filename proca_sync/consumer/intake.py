@@ -134,7 +134,8 @@ async def connect(
         tls = _tls_failure(exc)
         if tls is not None:
             raise IntakeError(f"TLS with {where} failed: {tls}") from None
-        raise IntakeError(f"broker {where} refused the connection: {exc}") from None
+        # Nothing listening, or the connection dropped: an outage (exit 1), not a typo.
+        raise BrokerUnavailableError(f"broker {where} unreachable: {exc}") from None
     except OSError as exc:
         if isinstance(exc, ssl.SSLError):
             raise IntakeError(f"TLS with {where} failed: {exc}") from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -41,7 +41,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.types import JSON
 
 from proca_sync.crm.sql import create_store_engine
-from proca_sync.crm.sql.store import lock_schema, write_engine
+from proca_sync.crm.sql.store import lock_schema, missing_database, write_engine
 from proca_sync.engine import Engine
 from proca_sync.errors import BackendUnavailableError, ConfigError, PermanentError
 from proca_sync.sync.model import body_digest
@@ -157,6 +157,9 @@ class ParkingStore:
                 lock_schema(conn)
                 metadata.create_all(conn, checkfirst=True)
         except sa_exc.SQLAlchemyError as exc:
+            missing = missing_database(exc, what="parking store")
+            if missing is not None:
+                raise missing from None
             raise ConfigError(f"parking store unusable ({type(exc).__name__})") from None
         self._ready = True
 
@@ -306,9 +309,14 @@ class RetryResult:
 
 
 async def retry_parked(
-    store: ParkingStore, engine: Engine, ids: Sequence[int]
+    store: ParkingStore,
+    engine: Engine,
+    ids: Sequence[int],
+    *,
+    on_result: Callable[[RetryResult], None] | None = None,
 ) -> list[RetryResult]:
-    """Feed parked bodies back through ``engine`` into its CRM, one at a time.
+    """Feed parked bodies back through ``engine`` into its CRM, one at a time
+    (``on_result`` is called after each, e.g. to advance a progress bar).
 
     A message the CRM now holds (or that is now ignored) is removed from the store; one
     that is still refused keeps its row with the new reason. Raises
@@ -340,4 +348,6 @@ async def retry_parked(
         else:
             store.delete(parked_id)
         results.append(RetryResult(parked_id, outcome, reason))
+        if on_result is not None:
+            on_result(results[-1])
     return results

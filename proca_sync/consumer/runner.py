@@ -150,17 +150,20 @@ class Consumer:
         Raises :class:`~proca_sync.consumer.intake.IntakeError` (queue missing, access
         refused) or :class:`~proca_sync.errors.ConfigError` before consuming anything.
         """
-        await self.parking.open()
+        # The broker first: a wrong URL, queue or password creates no file.
+        await self.intake.open()
         try:
-            await self.engine.backend.open()
-        except TransientError as exc:
-            # Not fatal: the first batches fail and the breaker waits for the CRM.
-            log.warning("CRM not available at start: %s", exc,
-                        extra={"fields": {"event": "crm_unavailable", "error": str(exc)}})
-        try:
-            await self.intake.open()
+            try:
+                await self.engine.backend.open()  # a CRM that does not exist: ConfigError
+            except TransientError as exc:
+                # Not fatal: the first batches fail and the breaker waits for the CRM.
+                log.warning("CRM not available at start: %s", exc,
+                            extra={"fields": {"event": "crm_unavailable", "error": str(exc)}})
+            await self.parking.open()
         except BaseException:
             await self._close_stores()
+            with contextlib.suppress(Exception):
+                await self.intake.close()
             raise
         self.intake.on_reconnect = self._on_reconnect
         self.stats.set_connected(True)
@@ -649,6 +652,7 @@ async def serve(
     parking: ParkingStore,
     keystore: Keystore | None = None,
     console: Console | None = None,
+    collectors: Sequence[Any] = (),
 ) -> tuple[ExitStatus, Stats]:
     """Run a :class:`Consumer` as a service: signals, ``/healthz``, the status line.
 
@@ -661,6 +665,8 @@ async def serve(
     consumer = Consumer(
         settings, backend=backend, parking=parking, keystore=keystore, log_each=console is None
     )
+    for collector in collectors:  # more metrics on /metrics (the destinations')
+        consumer.stats.registry.register(collector)
     loop = asyncio.get_running_loop()
     signals = 0
 

@@ -99,7 +99,7 @@ class WorkerSpec:
     settings: ConsumerSettings
     keys: Path | None
     log_level: str
-    setup_logging: Callable[[str], None]
+    setup_logging: Callable[[str], object]
     log_each: bool = True
 
 
@@ -383,7 +383,7 @@ class Supervisor:
         workers: int,
         keys: Path | None,
         log_level: str,
-        setup_logging: Callable[[str], None],
+        setup_logging: Callable[[str], object],
         log_each: bool = True,
         restart_base: float = RESTART_BASE,
         restart_max: float = RESTART_MAX,

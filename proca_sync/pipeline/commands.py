@@ -246,6 +246,12 @@ def show(
     out.print(_plan_table(plan_topology(org, flags)))
 
 
+def _load_env_file(value: Path | None) -> Path | None:
+    from proca_sync.cli.common import load_env_file  # the CLI's one loader (lazy: no cycle)
+
+    return load_env_file(value)
+
+
 def simulate(
     org: OrgOption,
     actions: Annotated[int, typer.Option("--actions", min=0, help="Action messages.")] = 100,
@@ -266,6 +272,16 @@ def simulate(
         int, typer.Option("--poison", min=0, help="Malformed messages of each kind.")
     ] = 0,
     url: UrlOption = DEFAULT_URL,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--env-file",
+            envvar="PROCA_ENV_FILE",
+            is_eager=True,
+            callback=_load_env_file,
+            help="Load PROCA_* variables from this dotenv file first (set variables win).",
+        ),
+    ] = None,
 ) -> None:
     """Publish realistic, invented Proca traffic for org N to its exchanges.
 

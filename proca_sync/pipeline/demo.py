@@ -133,7 +133,7 @@ def summary_rows(stats: dict[str, Any], parked: dict[str, int]) -> list[tuple[st
     ]
     for entry in stats["actions_per_campaign"]:
         rows.append((f"  {entry['campaign']} / {entry['actionType']}", str(entry["actions"])))
-    rows.append(("parked (distinct messages)", str(sum(parked.values()))))
+    rows.append(("parked messages in the store (distinct)", str(sum(parked.values()))))
     for reason, count in sorted(parked.items()):
         rows.append((f"  parked: {reason}", str(count)))
     return rows

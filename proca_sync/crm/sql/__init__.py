@@ -17,7 +17,13 @@ from proca_sync.crm.sql.schema import (
     meta_table,
     metadata,
 )
-from proca_sync.crm.sql.store import create_store_engine, normalise_url
+from proca_sync.crm.sql.store import (
+    check_store_url,
+    create_private_file,
+    create_store_engine,
+    normalise_url,
+    sqlite_file,
+)
 
 __all__ = [
     "ANALYSE_FIRST",
@@ -27,12 +33,15 @@ __all__ = [
     "actions",
     "applied_messages",
     "campaigns",
+    "check_store_url",
     "consents",
     "contact_keys",
     "contacts",
+    "create_private_file",
     "create_store_engine",
     "email_status_history",
     "meta_table",
     "metadata",
     "normalise_url",
+    "sqlite_file",
 ]

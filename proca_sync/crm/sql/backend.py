@@ -20,7 +20,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,10 +30,12 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    update,
 )
 from sqlalchemy import exc as sa_exc
 
 from proca_sync.crm.base import ApplyResult
+from proca_sync.crm.sql.changelog import TombstoneCheck, forget, upgrade
 from proca_sync.crm.sql.schema import (
     _OPT_IN_VALUES,
     SCHEMA_VERSION,
@@ -46,12 +48,14 @@ from proca_sync.crm.sql.schema import (
     email_status_history,
     meta_table,
     metadata,
+    tombstone_keys,
 )
 from proca_sync.crm.sql.store import (
     _translate,
     conflict,
     create_store_engine,
     lock_schema,
+    missing_database,
     write_engine,
 )
 from proca_sync.crm.sql.writer import (
@@ -96,9 +100,15 @@ class SqlBackend:
 
     name = "sql"
 
-    def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, *, echo: bool = False, erasure_key: bytes | None = None
+    ) -> None:
         self.engine, self.dialect = create_store_engine(url, what="CRM", echo=echo)
         self._writes = write_engine(self.engine)
+        self.tombstones = TombstoneCheck(erasure_key) if erasure_key else None
+        self.has_tombstones = False
+        self.commit_hooks: list[Callable[[], None]] = []
+        """Called (in the writer thread) after each commit that logged changes."""
         self.url = str(self.engine.url)
         self.conflicts = 0
         """Transactions tried again after a clash with another writer (for tests, bench)."""
@@ -111,11 +121,25 @@ class SqlBackend:
 
     # ---- lifecycle --------------------------------------------------------------------
 
+    def attach_erasure_key(self, key: bytes) -> None:
+        """The key of the tombstones' hashes (see :mod:`proca_sync.crm.sql.changelog`)."""
+        self.tombstones = TombstoneCheck(key)
+
     async def open(self) -> None:
         await self._run(self.open_sync)
+        if self.has_tombstones and self.tombstones is None:
+            raise ConfigError(
+                "the CRM holds erased contacts: give the erasure key "
+                "(--erasure-key / PROCA_ERASURE_KEY_FILE) so they are not brought back"
+            )
 
     def open_sync(self) -> None:
-        """Create the schema on first use and check its version."""
+        """Create the schema on first use and check its version.
+
+        Raises :class:`ConfigError` when the PostgreSQL database does not exist or the
+        schema is newer than this code; :class:`BackendUnavailableError` when the
+        database is down or locked (transient).
+        """
         if self._ready:
             return
         try:
@@ -134,8 +158,19 @@ class SqlBackend:
                         f"CRM schema version {version} is newer than this proca-sync "
                         f"({SCHEMA_VERSION}); upgrade proca-sync"
                     )
+                elif int(version) < SCHEMA_VERSION:
+                    upgrade(conn, int(version))
+                    conn.execute(
+                        update(meta_table)
+                        .where(meta_table.c.key == "schema_version")
+                        .values(value=str(SCHEMA_VERSION))
+                    )
+                self.has_tombstones = bool(
+                    conn.execute(select(tombstone_keys.c.hash).limit(1)).first()
+                )
         except sa_exc.SQLAlchemyError as exc:
-            raise _translate(exc) from None
+            # A database that does not exist is a typo, not an outage: refuse to start.
+            raise (missing_database(exc, what="CRM") or _translate(exc)) from None
         self._ready = True
 
     async def close(self) -> None:
@@ -266,13 +301,38 @@ class SqlBackend:
             try:
                 if self._statements.postgres:
                     lock_batch(cursor, self._statements, records)
-                batch = _BatchWriter(cursor, self._statements, self._campaign_stamps)
+                check = self.tombstones
+                batch = _BatchWriter(cursor, self._statements, self._campaign_stamps, check)
                 if batch.accepts(records):
-                    return batch.apply(records)
-                writer = _RecordWriter(cursor, self._statements, self._campaign_stamps)
-                return writer.apply(records)
+                    results = batch.apply(records)
+                else:
+                    writer = _RecordWriter(cursor, self._statements, self._campaign_stamps, check)
+                    results = writer.apply(records)
             finally:
                 cursor.close()
+        for hook in self.commit_hooks:
+            hook()
+        return results
+
+    # ---- erasure ----------------------------------------------------------------------
+
+    def forget_sync(self, *, email: str | None = None, ref: str | None = None) -> int | None:
+        """Erase one contact (see :func:`proca_sync.crm.sql.changelog.forget`); returns
+        the tombstone id, ``None`` when no contact holds that e-mail or ref. Needs the
+        erasure key (:class:`ConfigError` without)."""
+        self.open_sync()
+        if self.tombstones is None:
+            raise ConfigError("crm forget needs the erasure key")
+        key = normalise_email(email) if email is not None else None
+        try:
+            with self._writes.begin() as conn:
+                tombstone = forget(conn, self.tombstones, email=key, ref=ref)
+        except sa_exc.SQLAlchemyError as exc:
+            raise _translate(exc) from None
+        self.has_tombstones = self.has_tombstones or tombstone is not None
+        for hook in self.commit_hooks:
+            hook()
+        return tombstone
 
     # ---- reading ----------------------------------------------------------------------
 

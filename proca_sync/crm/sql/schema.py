@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -17,7 +18,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import JSON
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the CRM tables. 2: the change log, erasure tombstones and the destinations' state
+(an existing database is upgraded in place by :func:`proca_sync.crm.sql.changelog.upgrade`)."""
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 
@@ -112,6 +115,71 @@ applied_messages = Table(
     Column("key", String(200), primary_key=True),
     Column("kind", String(32), nullable=False),
     Column("applied_at", Text, nullable=False),
+)
+
+# ---- version 2: the change log (outbox), erasure, the destinations' state ----------------
+
+changes = Table(
+    "changes",
+    metadata,
+    # Commit-ordered on PostgreSQL (see changelog.py); SQLite serialises writers anyway.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("kind", String(16), nullable=False),  # contact | action | campaign | erasure
+    Column("entity", String(255), nullable=False),  # ledger id, action id, campaign name
+    Column("at", Float, nullable=False),  # epoch seconds of the commit (for the lag)
+    sqlite_autoincrement=True,
+)
+
+tombstones = Table(
+    "tombstones",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("erased_at", Text, nullable=False),
+    # Kept only until every destination that erases has done it, then scrubbed (NULL, []).
+    Column("email", Text),
+    Column("refs", _JSON, nullable=False),
+)
+
+tombstone_keys = Table(
+    "tombstone_keys",
+    metadata,
+    Column("hash", String(64), primary_key=True),  # keyed hash of an e-mail or a ref
+    Column("tombstone_id", Integer, ForeignKey("tombstones.id"), nullable=False),
+    Column("erased_at", Text, nullable=False),
+)
+
+destinations = Table(
+    "destinations",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("cursor", BigInteger, nullable=False),
+    Column("last_success", Float),
+    Column("lease_owner", String(128)),
+    Column("lease_until", Float),
+)
+
+destination_items = Table(
+    "destination_items",
+    metadata,
+    Column("destination", String(255), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("entity", String(255), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("digest", String(64), nullable=False),
+)
+
+destination_parked = Table(
+    "destination_parked",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("destination", String(255), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("entity", String(255), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("code", String(128), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("parked_at", Float, nullable=False),
+    UniqueConstraint("destination", "kind", "entity", name="uq_destination_parked"),
 )
 
 

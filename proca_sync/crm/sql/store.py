@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -19,6 +22,66 @@ from proca_sync.errors import (
     BackendUnavailableError,
     ConfigError,
 )
+
+SQLITE_FORM = "sqlite:///path/to/file.db (sqlite:////abs/path.db for an absolute path)"
+"""How a SQLite store URL is written, for error messages."""
+POSTGRES_FORM = "postgresql://user@host/database"
+
+
+def create_private_file(path: Path) -> bool:
+    """Create ``path`` empty with mode 0600 whatever the umask; False if it existed.
+
+    For files that hold personal data or keys: the file never exists with a wider mode.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, 0o600)  # the umask may have narrowed it; never widened
+    finally:
+        os.close(fd)
+    return True
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a ``sqlite:///`` URL names; None for another database or in-memory SQLite."""
+    try:
+        parsed = make_url(normalise_url(url))
+    except sa_exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in {"", ":memory:"} or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def check_store_url(url: str, *, what: str) -> None:
+    """Refuse a mistyped store location before anything is opened or created (the CLI
+    calls it at start; engines do not, as a folder that vanishes later is an outage).
+
+    Raises :class:`ConfigError` naming the problem and showing the right form: a bare
+    path or another non-URL (``crm.db``), a SQLite file whose folder does not exist or
+    that is a folder. Does no I/O beyond ``stat`` and creates nothing.
+    """
+    if "://" not in url:
+        hint = f"sqlite:///{url}" if url.endswith((".db", ".sqlite", ".sqlite3")) else SQLITE_FORM
+        raise ConfigError(
+            f"{what} location is not a database URL; write it as {hint} "
+            f"or {POSTGRES_FORM}"
+        )
+    path = sqlite_file(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{what} path {path} is a folder; name a file: {SQLITE_FORM}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{what} folder {folder} does not exist (create it, or fix the path: {SQLITE_FORM})"
+        )
 
 
 def normalise_url(url: str) -> str:
@@ -81,6 +144,18 @@ def create_store_engine(
 
         event.listen(engine, "connect", pragmas)
         event.listen(engine, "begin", begin)
+        path = sqlite_file(url)
+        if path is not None:
+            private = path
+
+            def create_private(*_args: Any) -> None:
+                # SQLite would create the file with the umask's mode (often 0644); it
+                # gives its -wal and -shm files the mode of the database file. A missing
+                # folder is left to SQLite: its error is translated (an outage).
+                with contextlib.suppress(OSError):
+                    create_private_file(private)
+
+            event.listen(engine, "do_connect", create_private)
     return engine, dialect
 
 
@@ -108,6 +183,22 @@ def lock_schema(conn: Connection) -> None:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def missing_database(exc: sa_exc.SQLAlchemyError, *, what: str) -> ConfigError | None:
+    """A ConfigError when ``exc`` says the PostgreSQL database does not exist (a typo in
+    the URL, not an outage), else None."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "3D000" or (
+        isinstance(exc, sa_exc.OperationalError)
+        and "database" in str(orig)
+        and "does not exist" in str(orig)
+    ):
+        return ConfigError(
+            f"{what} database does not exist on that PostgreSQL server; create it "
+            f"(createdb NAME) or fix the URL: {POSTGRES_FORM}"
+        )
+    return None
 
 
 def _translate(exc: sa_exc.SQLAlchemyError) -> Exception:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
 
 from proca_sync.crm.base import ApplyResult
+from proca_sync.crm.sql.changelog import CHANGES_LOCK, TombstoneCheck
 from proca_sync.crm.sql.schema import (
     _OPT_IN_TEXT,
 )
 from proca_sync.crm.sql.store import _now
-from proca_sync.sync.contacts import ContactState
+from proca_sync.sync.contacts import ContactState, timestamp_key
 from proca_sync.sync.model import COLUMN_FIELDS
 from proca_sync.sync.records import (
     ActionRecord,
@@ -103,6 +105,11 @@ class _Statements:
             "SELECT contact_id, version FROM actions WHERE action_id = :action_id"
         )
         self.campaign_stamp = self._q("SELECT stamp FROM campaigns WHERE name = :name")
+        self.insert_change = self._q(
+            "INSERT INTO changes (kind, entity, at) VALUES (:kind, :entity, :at)"
+        )
+        # Change numbers in commit order on PostgreSQL: see changelog.py.
+        self.lock_changes = "SELECT pg_advisory_xact_lock(%(key)s)" if self.postgres else ""
         self.insert_contact_id = self._q(
             f"INSERT INTO contacts (id, {', '.join(contact_columns)}) VALUES (:id, {values})"
         )
@@ -167,6 +174,7 @@ _KEYS_BY_CONTACT = (f"{_KEY_COLUMNS} contact_id", "INTEGER")
 _CONTACTS_BY_ID = (f"SELECT id, {_STATE_COLUMNS} FROM contacts WHERE id", "INTEGER")
 _ACTIONS_BY_ID = ("SELECT action_id, contact_id, version FROM actions WHERE action_id", "BIGINT")
 _CAMPAIGNS_BY_NAME = ("SELECT name, stamp FROM campaigns WHERE name", "TEXT")
+_TOMBSTONES_BY_HASH = ("SELECT hash, erased_at FROM tombstone_keys WHERE hash", "TEXT")
 _IN_CHUNK = 500
 """Values per ``IN`` list on SQLite."""
 
@@ -180,6 +188,7 @@ _JSON_TEXT = (str, "JSONB")
 _BOOL = (bool, "BOOLEAN")
 _INT = (int, "INTEGER")
 _BIGINT = (int, "BIGINT")
+_FLOAT = (float, "DOUBLE PRECISION")
 _CONTACT_TYPES = {
     "admitted": _BOOL,
     "email": _TEXT,
@@ -235,6 +244,7 @@ _BULK: dict[str, tuple[str, str, dict[str, tuple[type, str]]]] = {
         "",
         {"key": _TEXT, "kind": _TEXT, "applied_at": _TEXT},
     ),
+    "insert_change": ("changes", "", {"kind": _TEXT, "entity": _TEXT, "at": _FLOAT}),
 }
 _ON_CONFLICT = {"consents", "email_status_history"}
 
@@ -380,15 +390,27 @@ class _Writer:
     share. Each record is skipped when its key was applied before, else its contact,
     action and campaign are applied through the writer's own methods."""
 
-    def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
+    def __init__(
+        self,
+        cursor: Any,
+        sql: _Statements,
+        campaign_stamps: dict[str, str],
+        tombstones: TombstoneCheck | None = None,
+    ) -> None:
         self.cursor = cursor
         self.sql = sql
         self.campaign_stamps = campaign_stamps
+        self.tombstones = tombstones
         self.now = _now()
+        # What the batch changed, for the change log (contacts by handle or id).
+        self.touched_contacts: dict[int, None] = {}
+        self.touched_actions: dict[int, None] = {}
+        self.touched_campaigns: dict[str, None] = {}
 
     def apply(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
         keys = list(dict.fromkeys(r.key for r in records))
         seen = {row[0] for row in self._select(_APPLIED_KEYS, keys)}
+        erased = self._erased(records, seen)
         self._begin(records)
         results: list[ApplyResult] = []
         applied: list[dict[str, Any]] = []
@@ -398,8 +420,9 @@ class _Writer:
                 continue
             seen.add(record.key)
             contact_id = None
-            if record.contact is not None:
+            if record.contact is not None and index not in erased:
                 contact_id = self._contact(record.contact, record.action)
+                self.touched_contacts[contact_id] = None
             if record.action is not None and contact_id is not None:
                 self._action(index, record.action, contact_id)
             if record.campaign is not None:
@@ -407,7 +430,54 @@ class _Writer:
             applied.append({"key": record.key, "kind": record.kind, "applied_at": self.now})
             results.append("applied")
         self._end(applied)
+        self._log_changes()
         return results
+
+    def _erased(self, records: Sequence[SyncRecord], seen: set[str]) -> set[int]:
+        """Indexes of the records about an erased person that are not newer than the
+        erasure (their contact and action are not written; the message counts as applied)."""
+        check = self.tombstones
+        if check is None:
+            return set()
+        hashes: dict[str, list[int]] = {}
+        for index, record in enumerate(records):
+            facts = record.contact
+            if facts is None or record.key in seen:
+                continue
+            for value in (*facts.refs, *facts.emails):
+                hashes.setdefault(check.digest(value), []).append(index)
+        if not hashes:
+            return set()
+        erased: set[int] = set()
+        for digest, erased_at in self._select(_TOMBSTONES_BY_HASH, list(hashes)):
+            for index in hashes[digest]:
+                if _record_time(records[index]) <= erased_at:
+                    erased.add(index)
+        return erased
+
+    def _changed_contact_ids(self) -> list[int]:
+        return list(self.touched_contacts)
+
+    def _log_changes(self) -> None:
+        """One change row per contact, action and campaign the batch changed, in the
+        batch's transaction, as its last statement (on PostgreSQL after taking the change
+        log's lock, held until the commit: change numbers are drawn in commit order)."""
+        at = time.time()
+        rows = [
+            {"kind": "contact", "entity": str(cid), "at": at}
+            for cid in self._changed_contact_ids()
+        ]
+        rows += [{"kind": "action", "entity": str(a), "at": at} for a in self.touched_actions]
+        rows += [{"kind": "campaign", "entity": c, "at": at} for c in self.touched_campaigns]
+        if not rows:
+            return
+        if self.sql.postgres:
+            self.cursor.execute(self.sql.lock_changes, {"key": CHANGES_LOCK})
+        bulk = self.sql.bulk.get("insert_change")
+        if bulk is not None:
+            self.cursor.execute(bulk[0], {"rows": orjson.dumps(rows).decode()})
+        else:
+            self.cursor.executemany(self.sql.insert_change, rows)
 
     def _select(self, query: tuple[str, str], values: list[Any]) -> list[Any]:
         """The rows of ``query`` for ``values`` (in chunks on SQLite)."""
@@ -467,8 +537,14 @@ class _BatchWriter(_Writer):
     :class:`_RecordWriter`.
     """
 
-    def __init__(self, cursor: Any, sql: _Statements, campaign_stamps: dict[str, str]) -> None:
-        super().__init__(cursor, sql, campaign_stamps)
+    def __init__(
+        self,
+        cursor: Any,
+        sql: _Statements,
+        campaign_stamps: dict[str, str],
+        tombstones: TombstoneCheck | None = None,
+    ) -> None:
+        super().__init__(cursor, sql, campaign_stamps, tombstones)
         # The view of the stored rows the batch reaches, as the batch changes them.
         self.states: dict[int, ContactState] = {}
         self.key_owners: dict[tuple[str, str], int] = {}
@@ -531,6 +607,9 @@ class _BatchWriter(_Writer):
         return True
 
     # apply() is _Writer's, for records that :meth:`accepts` accepted.
+
+    def _changed_contact_ids(self) -> list[int]:
+        return list(dict.fromkeys(self._id(h) for h in self.touched_contacts))
 
     def _begin(self, records: Sequence[SyncRecord]) -> None:
         self._read(records)
@@ -668,12 +747,15 @@ class _BatchWriter(_Writer):
         if current is None:
             self.action_owners[action_id] = [contact, record.version]
             self.actions[action_id] = ("insert", record, data, contact)
+            self.touched_actions[action_id] = None
         elif record.version > current[1]:
             current[:] = [contact, record.version]
             kind = "insert" if pending is not None and pending[0] == "insert" else "update"
             self.actions[action_id] = (kind, record, data, contact)
+            self.touched_actions[action_id] = None
         elif current[0] != contact:
             current[0] = contact
+            self.touched_actions[action_id] = None
             if pending is None:
                 self.actions[action_id] = ("move", record, data, contact)
             else:
@@ -764,8 +846,10 @@ class _BatchWriter(_Writer):
             stamp = stored.get(name)
             if stamp is None:
                 inserts.append(values)
+                self.touched_campaigns[name] = None
             elif stamp < fact.stamp:
                 updates.append(values)
+                self.touched_campaigns[name] = None
             # What the database now holds. Cleared by the backend when the transaction
             # fails, so it never runs ahead of what is committed.
             self.campaign_stamps[name] = (
@@ -866,6 +950,9 @@ class _RecordWriter(_Writer):
             self.cursor.execute(
                 self.sql.move_action, {"action_id": record.action_id, "contact_id": contact_id}
             )
+        else:
+            return
+        self.touched_actions[record.action_id] = None
 
     def _campaign(self, index: int, fact: CampaignFact) -> None:
         known = self.campaign_stamps.get(fact.name)
@@ -879,8 +966,12 @@ class _RecordWriter(_Writer):
             "data": orjson.dumps(fact.data).decode(),
         }
         self.cursor.execute(self.sql.update_campaign, values)
-        if self.cursor.rowcount == 0:
+        written = self.cursor.rowcount > 0
+        if not written:
             self.cursor.execute(self.sql.insert_campaign, values)
+            written = self.cursor.rowcount > 0
+        if written:
+            self.touched_campaigns[fact.name] = None
         stored = self._one(self.sql.campaign_stamp, {"name": fact.name})
         # Cleared by the backend when the transaction fails, so it never runs ahead of
         # what is committed.
@@ -969,6 +1060,15 @@ def _json_text(value: Any) -> str | None:
     except orjson.JSONEncodeError:
         return None
     return None if b"\\u0000" in text else text.decode()
+
+
+def _record_time(record: SyncRecord) -> str:
+    """When the record's data was true (``timestamp_key`` form), to compare with an
+    erasure: the action's creation, else the time part of the contact's stamp."""
+    if record.action is not None:
+        return timestamp_key(record.action.created_at)
+    facts = record.contact
+    return facts.stamp.split("|", 1)[0] if facts is not None else ""
 
 
 def _handle_order(handle: int) -> tuple[bool, int]:
