@@ -350,9 +350,10 @@ class Intake:
             return
         try:
             await self._subscribe()
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            # The queue is missing or the channel died again: the next reopen, or the
-            # monitor once the queue is back, tries again.
+        except Exception as exc:
+            # The queue is missing, the channel died again, the broker is slow to answer:
+            # never fail aio-pika's channel restore over it (it would reconnect again and
+            # again); the next reopen, or the monitor once it sees the queue, tries again.
             self._cancelled = True
             log.warning("subscribing again failed (%s)", type(exc).__name__,
                         extra={"fields": {"event": "resubscribe_failed"}})  # fmt: skip
