@@ -437,7 +437,7 @@ async def proca_sqlite(ctx: Context, case: Case) -> dict[str, Any]:
 
     def command(queue: str) -> list[str]:
         crm = f"sqlite:///{ctx.fresh_file('crm')}"
-        return _driver(ctx, queue, ctx.n, crm, "--keys", keys)
+        return _driver(ctx, queue, ctx.n, crm, "--keys", keys, *_workers(case))
 
     return await _repeat(ctx, case, encrypted=True, command=command)
 
@@ -459,17 +459,24 @@ def _pg_schema(base_url: str) -> Any:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def _workers(case: Case) -> list[str]:
+    """``--workers K`` for the cases named ``…-wK``."""
+    match = re.search(r"-w(\d+)$", case.name)
+    return ["--workers", match.group(1)] if match else []
+
+
 async def proca_postgres(ctx: Context, case: Case) -> dict[str, Any]:
     if ctx.pg_url is None:
         raise RunError("no PostgreSQL URL (--pg-url)")
     keys = str(ctx.keys_file())
+    workers = _workers(case)
     runs: list[dict[str, Any]] = []
     rates: list[float] = []
     for index in range(ctx.repeat):
         with _pg_schema(ctx.pg_url) as crm:
 
             def command(queue: str, crm: str = crm) -> list[str]:
-                return _driver(ctx, queue, ctx.n, crm, "--keys", keys)
+                return _driver(ctx, queue, ctx.n, crm, "--keys", keys, *workers)
 
             run, queue = await run_consumer(
                 ctx, case.name, ctx.bodies(encrypted=True), ctx.n, command
@@ -667,6 +674,14 @@ CASES: list[Case] = [
          runner=proca_sqlite),
     Case("proca-postgres", "proca-sync, encrypted, full engine into PostgreSQL", "proca-sync",
          runner=proca_postgres),
+    Case("proca-sqlite-w2", "proca-sync --workers 2, encrypted, into one SQLite file",
+         "scale-out", runner=proca_sqlite),
+    Case("proca-sqlite-w3", "proca-sync --workers 3, encrypted, into one SQLite file",
+         "scale-out", runner=proca_sqlite),
+    Case("proca-postgres-w2", "proca-sync --workers 2, encrypted, into one PostgreSQL",
+         "scale-out", runner=proca_postgres),
+    Case("proca-postgres-w3", "proca-sync --workers 3, encrypted, into one PostgreSQL",
+         "scale-out", runner=proca_postgres),
     Case("slow-crm", "proca-sync into an HTTP CRM answering after 20 ms", "proca-sync",
          runner=slow_crm),
     Case("memory-1m", "proca-sync RSS over 1,000,000 encrypted messages into SQLite",

@@ -14,8 +14,9 @@ from the CRM URL, a parking store, the key store), runs
 
 The instant of the N-th settlement comes from the consumer's :class:`Stats` (passed in
 through the constructor, a subclass that notes the time): no polling, no patching.
-Logging is configured as the CLI does it (one JSON line per outcome on stderr), because
-that is part of what the service costs.
+Logging is configured as the CLI does it (JSON lines on stderr: one per batch at INFO),
+because that is part of what the service costs. ``--workers K`` runs the supervisor of
+``proca-sync run --workers K`` instead (:func:`drive_workers`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from proca_sync.consumer.parking import ParkingStore
 from proca_sync.consumer.policy import Outcome
 from proca_sync.consumer.runner import Consumer
 from proca_sync.consumer.status import Stats
+from proca_sync.consumer.supervisor import Supervisor
 from proca_sync.crm import backend_from_url
 from proca_sync.crypto import Keystore
 
@@ -87,6 +89,36 @@ async def drive(settings: ConsumerSettings, n: int, *, log_each: bool = True) ->
     }
 
 
+async def drive_workers(settings: ConsumerSettings, n: int, workers: int) -> dict[str, object]:
+    """``run --workers K`` (the supervisor, K processes): from the supervisor's start
+    (spawning the workers included) until the workers' shared count of settled
+    messages reaches N (polled every 2 ms); ``--max-messages N`` then stops them."""
+    supervisor = Supervisor(
+        settings.model_copy(update={"max_messages": n}), workers=workers, keys=settings.keys,
+        log_level="INFO", setup_logging=configure_logging,
+    )  # fmt: skip
+    started = time.perf_counter()
+    running = asyncio.create_task(supervisor.run())
+    reached_at: float | None = None
+    while not running.done():
+        if supervisor.settled >= n:
+            reached_at = time.perf_counter()
+            break
+        await asyncio.sleep(0.002)
+    code, stats = await running
+    exited = time.perf_counter()
+    if reached_at is None or code != 0:
+        raise RuntimeError(f"workers stopped (exit {code}) after {supervisor.settled} of {n}")
+    totals = stats.totals()
+    return {
+        "seconds": reached_at - started,
+        "exit_seconds": exited - started,
+        "acked": supervisor.settled,
+        "outcomes": {k: totals[k] for k in ("acked", "retried", "parked", "returned")},
+        "workers": workers,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.proca_driver")
     parser.add_argument("--url", required=True)
@@ -98,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--prefetch", type=int)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--quiet", action="store_true", help="no per-message log lines")
+    parser.add_argument("--quiet", action="store_true", help="no per-batch log lines")
+    parser.add_argument("--workers", type=int, default=1, help="run --workers K")
     args = parser.parse_args(argv)
     options: dict[str, object] = {
         "url": args.url,
@@ -112,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             options[name] = getattr(args, name)
     settings = ConsumerSettings(**options)  # type: ignore[arg-type]
     configure_logging("INFO")
-    result = asyncio.run(drive(settings, args.n, log_each=not args.quiet))
+    if args.workers > 1:
+        result = asyncio.run(drive_workers(settings, args.n, args.workers))
+    else:
+        result = asyncio.run(drive(settings, args.n, log_each=not args.quiet))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
 

@@ -133,6 +133,19 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
             "proca-postgres", "proca-sqlite", 0.5,
         )
     )  # fmt: skip
+    # Issue 12 (scale-out): several workers into one PostgreSQL; the lighter hot path.
+    targets += [
+        _ratio_target(
+            doc, "postgres-w2-vs-peer",
+            "encrypted into PostgreSQL with --workers 2 ≥ 2× the peer's encrypted rate",
+            "proca-postgres-w2", "peer-encrypted", 2.0,
+        ),
+        _ratio_target(
+            doc, "null-vs-peer-0.6",
+            "the consumer alone (--crm null:), one process, ≥ 0.6× the peer's clear rate",
+            "proca-null", "peer-clear", 0.6,
+        ),
+    ]  # fmt: skip
     mem = doc["cases"].get("memory-1m") or {}
     if mem.get("status") == "ok":
         peak = mem.get("peak_mib")
@@ -212,6 +225,34 @@ def analysis_values(doc: dict[str, Any]) -> dict[str, str]:
     put("pg_ratio", None if not (pg and sqlite) else pg / sqlite, ".2f")
     put("pg_cores", _cores(doc, "proca-postgres"), ".2f")
     put("pg_server_cores", _cores(doc, "proca-postgres", "postgres_cores"), ".2f")
+    # Scale-out: {sqlite_w2_rate}, {pg_w3_ratio} (vs peer encrypted), {pg_w2_us}, …
+    for db, one in (("sqlite", sqlite), ("pg", pg)):
+        case = "proca-sqlite" if db == "sqlite" else "proca-postgres"
+        for k in (2, 3):
+            name = f"{case}-w{k}"
+            value = rate.get(name)
+            put(f"{db}_w{k}_rate", value, ",.0f")
+            put(f"{db}_w{k}_ratio", None if not (value and peer_enc) else value / peer_enc, ".2f")
+            put(f"{db}_w{k}_speedup", None if not (value and one) else value / one, ".2f")
+            put(f"{db}_w{k}_us", _us_per_message(doc, name), ",.0f")
+            put(f"{db}_w{k}_cores", _cores(doc, name), ".2f")
+            put(f"{db}_w{k}_server", _cores(doc, name, "postgres_cores"), ".2f")
+            put(f"{db}_w{k}_broker", _cores(doc, name, "broker_cores"), ".2f")
+            put(f"{db}_w{k}_other", _cores(doc, name, "foreign_cores"), ".2f")
+    # PostgreSQL's own CPU per message (its cores / the rate), and what one core of it
+    # could take: the ceiling of K machines writing into one PostgreSQL.
+    for suffix, name in (("", "proca-postgres"), ("_w2", "proca-postgres-w2"),
+                         ("_w3", "proca-postgres-w3")):  # fmt: skip
+        server, value = _cores(doc, name, "postgres_cores"), rate.get(name)
+        if server and value:
+            put(f"pg{suffix}_server_us", server / value * 1e6, ",.0f")
+            put(f"pg{suffix}_per_core", value / server, ",.0f")
+    put("pg_ratio_peer", None if not (pg and peer_enc) else pg / peer_enc, ".2f")
+    put("pg_us", _us_per_message(doc, "proca-postgres"), ",.0f")
+    put("pg_w2_target", None if not peer_enc else 2 * peer_enc, ",.0f")
+    put("null_target", None if not peer else 0.6 * peer, ",.0f")
+    put("null_target_us", None if not peer else 1e6 / (0.6 * peer), ".0f")
+    put("peer_enc", peer_enc, ",.0f")
     mem = doc["cases"].get("memory-1m") or {}
     put("growth", mem.get("growth_bytes_per_message"), ".0f")
     put("peak", mem.get("peak_mib"), ".0f")
@@ -417,13 +458,15 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
         "",
         "Timed from the consumer's start (connect + subscribe included) until its N-th ack; "
         "the queue is checked empty afterwards. Ratios are to the baselines of this run. "
-        "`cores` = CPU seconds / wall seconds of the consumer process, of the broker, of "
-        "PostgreSQL, and of everything else on the machine during the run (`other`: jobs "
-        "sharing the machine — noise; 2 cores in all).",
+        "`cores` = CPU seconds / wall seconds of the consumer process (with `--workers K`: "
+        "the supervisor and its K workers), of the broker, of PostgreSQL, and of everything "
+        "else on the machine during the run (`other`: jobs sharing the machine — noise; 2 "
+        "cores in all). `CPU µs/msg` = the consumer's CPU time per message (start-up "
+        "included).",
         "",
         "| case | msgs/s | vs raw aiormq | vs raw Node | vs peer clear | vs peer encrypted "
-        "| consumer cores | broker cores | PostgreSQL cores | other cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| consumer cores | CPU µs/msg | broker cores | PostgreSQL cores | other cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, case in cases.items():
         if name in {"slow-crm", "memory-1m"}:
@@ -433,6 +476,9 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
         keys = ("consumer_cores", "broker_cores", "postgres_cores", "foreign_cores")
         loads = [_cores(doc, name, key) for key in keys]
         shown = " | ".join("–" if x is None else f"{x:.2f}" for x in loads)
+        per_message = _us_per_message(doc, name)
+        cpu = "–" if per_message is None else f"{per_message:,.0f}"
+        shown = shown.replace(" | ", f" | {cpu} | ", 1)
         out.append(
             f"| {case.get('title', name)}{_status(case)} | {_fmt_rate(rate)} | "
             + " | ".join(ratios)

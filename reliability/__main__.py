@@ -42,7 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     quick = not args.full
-    chosen = by_name(args.only)
+    chosen = by_name(args.only, quick=quick)
     workdir = Path(tempfile.mkdtemp(prefix="reliability-"))
     ctx = Context(quick=quick, workdir=workdir)
     results: list[ScenarioResult] = []

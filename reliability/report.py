@@ -103,8 +103,14 @@ def render(
     add("| what | command | budget |\n|---|---|---|")
     add(f"| quick (CI; `tests/integration/test_reliability_quick.py`) | `{QUICK}` | < 5 min |")
     add(f"| full (local) | `{FULL}` | < 20 min |")
+    add("| scale-out, quick (CI; `tests/integration/test_scale_out.py`) | `python -m "
+        "reliability --quick --only scale-postgres scale-sqlite` | < 4 min |")
     add("| one scenario | `python -m reliability --full --only crash` (any names below) | |")
     add("| the list | `python -m reliability --list` | |\n")
+    add("A quick run without `--only` leaves out the scale-out scenarios (several consumer "
+        "processes on one queue: `scale-postgres`, `scale-sqlite`), which CI runs in a test "
+        "of their own; a full run includes them, and the `cluster` scenario (three RabbitMQ "
+        "nodes started by the suite itself, quorum queues, a node stopped mid-stream).\n")
     add("The run exits non-zero when anything is lost, applied twice, wrongly parked or "
         "leaked, or when a check fails. Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, "
         "`rabbitmqctl` usable: run as root or as the broker's user), the PostgreSQL server "

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from reliability import cluster as _cluster
+from reliability import scale as _scale
 from reliability.harness import (
     ROOT,
     ConsumerProcess,
@@ -95,6 +97,9 @@ class Scenario:
     title: str
     summary: str
     run: Callable[[Context, ScenarioResult], Awaitable[None]]
+    in_quick: bool = True
+    """Part of a quick run without ``--only`` (the scale-out ones run in their own test,
+    ``tests/integration/test_scale_out.py``, to keep each test within its budget)."""
 
 
 # ---- shared steps ----------------------------------------------------------------------------
@@ -930,12 +935,39 @@ SCENARIOS: tuple[Scenario, ...] = (
         "an untrusted certificate and working with --ca-file.",
         scenario_privacy,
     ),
+    Scenario(
+        "scale-postgres",
+        "Three consumers into one PostgreSQL, one SIGKILLed repeatedly",
+        "Three `run` processes on one queue into one PostgreSQL database (CRM and parking "
+        "store); at several progress marks one of them, chosen by a seeded generator, is "
+        "SIGKILLed and replaced; then two processes drain the queue together.",
+        _scale.scenario_scale_postgres,
+        in_quick=False,
+    ),
+    Scenario(
+        "scale-sqlite",
+        "Two consumers into one SQLite file",
+        "Two `run` processes on one queue into one SQLite CRM and parking file (one writer "
+        "at a time), one SIGKILLed mid-stream and restarted; both drain the queue.",
+        _scale.scenario_scale_sqlite,
+        in_quick=False,
+    ),
+    Scenario(
+        "cluster",
+        "3-node RabbitMQ cluster, quorum queues, a node stopped",
+        "Three RabbitMQ nodes started on loopback (own names, ports and data directories) "
+        "and clustered; the org's queues are quorum queues (`topology declare --quorum`); "
+        "two consumers (on nodes 1 and 2) run while node 1 is stopped mid-stream and "
+        "started again.",
+        _cluster.scenario_cluster,
+        in_quick=False,
+    ),
 )
 
 
-def by_name(names: list[str] | None) -> list[Scenario]:
+def by_name(names: list[str] | None, *, quick: bool = False) -> list[Scenario]:
     if not names:
-        return list(SCENARIOS)
+        return [s for s in SCENARIOS if s.in_quick or not quick]
     known = {s.name: s for s in SCENARIOS}
     unknown = [n for n in names if n not in known]
     if unknown:

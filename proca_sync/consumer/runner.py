@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import IntEnum
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.live import Live
 
@@ -203,12 +203,12 @@ class Consumer:
 
     # ---- intake ---------------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         # No await at all: deliveries are queued in delivery order, and aiormq runs this
         # callback as a task of the channel that it cancels when the channel closes. Work
         # that must survive that (parking, then the ack or the count of a stale delivery)
         # runs in a task of ours, which shutdown waits for.
-        attempts = attempts_of(message.headers, self.settings.queue)
+        attempts = attempts_of(message.header.properties.headers, self.settings.queue)
         delivery = self.intake.delivery(message, attempts, time.monotonic())
         self.stats.delivered()
         if self._stopping:
@@ -328,6 +328,30 @@ class Consumer:
         for lane in done:
             self.lanes.finish(lane)
         self._work.set()
+        if self.log_each:
+            self._log_batch(to_settle, len(taken), time.monotonic() - started)
+
+    def _log_batch(
+        self, settled: list[tuple[Delivery, Decision]], size: int, seconds: float
+    ) -> None:
+        """One INFO line per batch: how many of its messages went which way (counts only)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        labels: dict[str, int] = {}
+        outcomes = {"ack": 0, "retry": 0, "park": 0}
+        for _, decision in settled:
+            labels[decision.label] = labels.get(decision.label, 0) + 1
+            outcomes[decision.outcome.value] = outcomes.get(decision.outcome.value, 0) + 1
+        held = size - len(settled)
+        # The figures go in the fields only: a number in the text of a log line may look
+        # like someone's postcode to whoever greps the logs for one.
+        log.info(
+            "batch settled",
+            extra={"fields": {"event": "batch", "size": size, "acked": outcomes["ack"],
+                              "retried": outcomes["retry"], "parked": outcomes["park"],
+                              "held": held, "by_label": labels,
+                              "ms": round(seconds * 1000, 1)}},
+        )  # fmt: skip
 
     async def _apply_single(self, record: SyncRecord) -> ApplyResult | BaseException:
         try:
@@ -401,7 +425,11 @@ class Consumer:
 
     def _count(self, delivery: Delivery, decision: Decision) -> None:
         self.stats.settled(decision.outcome, decision.label)
-        if self.log_each or decision.outcome is Outcome.PARK:
+        # Parked and retried messages are always logged, one line each; an ack only at
+        # DEBUG (at INFO a batch says what became of its messages in one line).
+        if decision.outcome is not Outcome.ACK or (
+            self.log_each and log.isEnabledFor(logging.DEBUG)
+        ):
             self._log_outcome(delivery, decision)
         limit = self.settings.max_messages
         if limit is not None and self.stats.settled_total >= limit:
@@ -414,7 +442,7 @@ class Consumer:
             "outcome": decision.outcome.value,
             "label": decision.label,
             "attempts": delivery.attempts,
-            "redelivered": bool(delivery.message.redelivered),
+            "redelivered": delivery.redelivered,
             "ms": round((time.monotonic() - delivery.received) * 1000, 1),
         }
         if record is not None:
@@ -428,7 +456,9 @@ class Consumer:
             fields["reason"] = decision.reason.value
         if decision.outcome is not Outcome.ACK and decision.detail:
             fields["error"] = decision.detail
-        level = logging.WARNING if decision.outcome is Outcome.PARK else logging.INFO
+        level = {Outcome.PARK: logging.WARNING, Outcome.RETRY: logging.INFO}.get(
+            decision.outcome, logging.DEBUG
+        )
         log.log(level, "%s %s", decision.outcome.value, decision.label, extra={"fields": fields})
 
     def _request_flush(self) -> None:
@@ -638,7 +668,8 @@ async def serve(
 
     SIGTERM/SIGINT stop it gracefully (exit 0); a second signal exits at once (130).
     With a ``console`` (a terminal) a live status line is shown on it and only notable
-    events are logged; without, every outcome is one log line. Raises what
+    events are logged; without, each batch is one INFO line (one line per message at
+    DEBUG); parked and retried messages are always logged one by one. Raises what
     :meth:`Consumer.run` raises before consuming.
     """
     consumer = Consumer(

@@ -145,7 +145,7 @@ async def _worker(
             on_idle=lambda idle: idle_flag.__setitem__(0, idle),
         )
     except ConfigError as exc:
-        log.error("worker %d: %s", spec.index, exc,
+        log.error("%s", exc,
                   extra={"fields": {"event": "worker_config", "worker": spec.index}})
         return _EXIT_CONFIG
     loop = asyncio.get_running_loop()
@@ -407,6 +407,11 @@ class Supervisor:
 
     # ---- public ---------------------------------------------------------------------------
 
+    @property
+    def settled(self) -> int:
+        """Messages settled by all workers so far (the shared ``--max-messages`` count)."""
+        return int(self._settled.value)
+
     def request_stop(self, reason: str, status: int = _EXIT_OK) -> None:
         if self._stop.is_set():
             return
@@ -430,10 +435,10 @@ class Supervisor:
                     self.stats, port=self.settings.metrics_port, host=self.settings.metrics_host
                 )
                 port = await health.start()
-                log.info("metrics of %d workers on http://%s:%d/metrics and /healthz",
-                         self.workers, self.settings.metrics_host, port,
+                log.info("metrics of all workers on http://%s:%d/metrics and /healthz",
+                         self.settings.metrics_host, port,
                          extra={"fields": {"event": "metrics", "port": port}})  # fmt: skip
-            log.info("starting %d workers on %s", self.workers, self.settings.queue,
+            log.info("starting the workers on %s", self.settings.queue,
                      extra={"fields": {"event": "supervisor_started",
                                        "workers": self.workers}})  # fmt: skip
             for slot in self.slots:
@@ -481,7 +486,7 @@ class Supervisor:
         slot.restart_at = None
         slot.snapshot = None
         slot.idle = slot.done = False
-        log.info("worker %d started (pid %d)", slot.index, process.pid,
+        log.info("worker started",
                  extra={"fields": {"event": "worker_started", "worker": slot.index,
                                    "pid": process.pid}})  # fmt: skip
 
@@ -535,7 +540,7 @@ class Supervisor:
             slot.conn = None
         slot.exit_code = code
         if code == _EXIT_CONFIG:
-            log.error("worker %d: configuration error; stopping all workers", slot.index,
+            log.error("a worker met a configuration error; stopping all workers",
                       extra={"fields": {"event": "worker_exit", "worker": slot.index,
                                         "code": code}})  # fmt: skip
             self.request_stop("config", _EXIT_CONFIG)
@@ -548,10 +553,11 @@ class Supervisor:
         slot.deaths = 1 if lived >= STABLE_AFTER else slot.deaths + 1
         delay = min(self.restart_max, self.restart_base * 2 ** (slot.deaths - 1))
         slot.restart_at = now + delay
-        log.warning("worker %d exited (%s) after %.1f s; restarting in %.1f s", slot.index,
-                    _describe(code), lived, delay,
+        # Figures in the fields only (see the consumer's batch line).
+        log.warning("a worker exited (%s); restarting it", _describe(code),
                     extra={"fields": {"event": "worker_exit", "worker": slot.index,
-                                      "code": code, "restart_in_s": round(delay, 2)}})  # fmt: skip
+                                      "code": code, "lived_s": round(lived, 1),
+                                      "restart_in_s": round(delay, 2)}})  # fmt: skip
 
     async def _stop_all(self) -> None:
         """SIGTERM to every worker; wait for them (then SIGKILL the stragglers)."""
@@ -569,7 +575,7 @@ class Supervisor:
             if time.monotonic() > deadline:
                 for slot in running:
                     assert slot.process is not None
-                    log.error("worker %d did not stop in time; killed", slot.index,
+                    log.error("a worker did not stop in time; killed",
                               extra={"fields": {"event": "worker_killed",
                                                 "worker": slot.index}})  # fmt: skip
                     slot.process.kill()
@@ -599,8 +605,8 @@ class Supervisor:
     def _on_signal(self, name: str) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.warning("%s: stopping %d workers (in-flight messages finish; again to exit "
-                        "at once)", name, self.workers,
+            log.warning("%s: stopping the workers (in-flight messages finish; again to exit "
+                        "at once)", name,
                         extra={"fields": {"event": "signal", "signal": name}})  # fmt: skip
             self.request_stop(name)
             return
@@ -627,5 +633,5 @@ def _describe(code: int | None) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
             return f"signal {signal.Signals(-code).name}"
-    return f"exit {code}"
+    return "non-zero status"
 

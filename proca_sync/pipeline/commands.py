@@ -176,6 +176,14 @@ def declare(
         typer.Option("--retry-delay", min=1, help="Milliseconds a rejected message waits."),
     ] = DEFAULT_RETRY_DELAY_MS,
     url: UrlOption = DEFAULT_URL,
+    quorum: Annotated[
+        bool,
+        typer.Option(
+            "--quorum",
+            help="Declare the org's queues as quorum queues (replicated, for a RabbitMQ "
+            "cluster; RabbitMQ >= 3.10). An existing classic queue must be deleted first.",
+        ),
+    ] = False,
 ) -> None:
     """Declare org N's exchanges and queues like the Proca server (idempotent).
 
@@ -191,7 +199,7 @@ def declare(
         push_backend,
         event_backend,
     )
-    topology = plan_topology(org, flags, retry_delay_ms=retry_delay)
+    topology = plan_topology(org, flags, retry_delay_ms=retry_delay, quorum=quorum)
 
     async def work(connection: AbstractConnection) -> None:
         channel = await connection.channel()
@@ -200,8 +208,8 @@ def declare(
     _run(url, work)
     out.print(_plan_table(topology))
     out.print(
-        f"declared {len(topology.exchanges)} exchanges and {len(topology.queues)} queues "
-        f"on {_safe_url(url)}; retry delay {retry_delay} ms"
+        f"declared {len(topology.exchanges)} exchanges and {len(topology.queues)} "
+        f"{'quorum ' if quorum else ''}queues on {_safe_url(url)}; retry delay {retry_delay} ms"
     )
 
 

@@ -313,20 +313,42 @@ class TopologyError(ConfigError):
 # ---- the plan ---------------------------------------------------------------------------
 
 
-def _dead_lettered(org: int, name: str) -> Queue:
-    return Queue.with_arguments(
-        name,
-        {"x-dead-letter-exchange": fail_exchange(org), "x-dead-letter-routing-key": name},
-    )
+QUORUM_ARGUMENTS: dict[str, str | int] = {
+    "x-queue-type": "quorum",
+    # Dead-lettering of a quorum queue is at most once unless asked otherwise; the
+    # retry circuit must not drop a message when a node fails mid-way. At-least-once
+    # dead-lettering requires the reject-publish overflow mode.
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+"""Declare arguments of an org's queues on a RabbitMQ cluster (``topology declare
+--quorum``): replicated Raft queues that survive a node's loss (RabbitMQ ≥ 3.10 for
+message TTL and at-least-once dead-lettering)."""
+
+
+def _dead_lettered(org: int, name: str, quorum: bool = False) -> Queue:
+    arguments: dict[str, str | int] = {
+        "x-dead-letter-exchange": fail_exchange(org),
+        "x-dead-letter-routing-key": name,
+    }
+    if quorum:
+        arguments.update(QUORUM_ARGUMENTS)
+    return Queue.with_arguments(name, arguments)
 
 
 def plan_topology(
-    org: int, flags: OrgFlags, *, retry_delay_ms: int = DEFAULT_RETRY_DELAY_MS
+    org: int,
+    flags: OrgFlags,
+    *,
+    retry_delay_ms: int = DEFAULT_RETRY_DELAY_MS,
+    quorum: bool = False,
 ) -> Topology:
     """What the Proca server declares for ``org`` with ``flags`` (pure, no I/O).
 
     Unlike the server, the fail queue gets an explicit ``x-message-ttl`` of
-    ``retry_delay_ms`` so the retry circuit works without a broker policy.
+    ``retry_delay_ms`` so the retry circuit works without a broker policy. With
+    ``quorum`` the org's queues (its fail queue included) are quorum queues
+    (:data:`QUORUM_ARGUMENTS`); the shared ``system.deliver`` queue stays as it is.
     Raises :class:`ValueError` for a non-positive org id or delay.
     """
     _org(org)
@@ -362,13 +384,14 @@ def plan_topology(
     enabled_queues = [
         name for name in org_queues(org) if any(q == name and on for _, q, on in rules)
     ]
-    queues = [_dead_lettered(org, name) for name in enabled_queues]
-    queues.append(
-        Queue.with_arguments(
-            fail_queue(org),
-            {"x-dead-letter-exchange": retry_exchange(org), "x-message-ttl": retry_delay_ms},
-        )
-    )
+    queues = [_dead_lettered(org, name, quorum) for name in enabled_queues]
+    fail_arguments: dict[str, str | int] = {
+        "x-dead-letter-exchange": retry_exchange(org),
+        "x-message-ttl": retry_delay_ms,
+    }
+    if quorum:
+        fail_arguments.update(QUORUM_ARGUMENTS)
+    queues.append(Queue.with_arguments(fail_queue(org), fail_arguments))
     queues.append(Queue(SYSTEM_QUEUE))
 
     bindings = [Binding(x, q, ALL_KEYS) for x, q, on in rules if on]
@@ -448,12 +471,14 @@ async def declare_test_org(
     *,
     retry_delay_ms: int = DEFAULT_RETRY_DELAY_MS,
     flags: OrgFlags | None = None,
+    quorum: bool = False,
 ) -> Topology:
     """Declare an org with custom action and event delivery on (a sync's usual setup)."""
     topology = plan_topology(
         org,
         flags or OrgFlags(custom_action_deliver=True, custom_event_deliver=True),
         retry_delay_ms=retry_delay_ms,
+        quorum=quorum,
     )
     await declare_topology(channel, topology)
     return topology

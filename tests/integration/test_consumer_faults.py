@@ -117,7 +117,9 @@ async def test_cut_connection_reconnects_and_finishes(
     consumer_org: ConsumerOrg, consumer_processes: list[ConsumerProcess], tmp_path: Path
 ) -> None:
     require_rabbitmqctl()
-    stream = mixed_stream(contacts=50, per_contact=8, seed=12)
+    # Long enough that the consumer is still at it when rabbitmqctl (~2 s to start)
+    # closes its connection, now that it logs per batch rather than per message.
+    stream = mixed_stream(contacts=200, per_contact=8, seed=12)
     await consumer_org.publish(stream.bodies)
     keys = tmp_path / "keys.json"
     stream.keystore.save(keys)

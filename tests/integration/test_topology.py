@@ -506,3 +506,40 @@ def test_cli_declare_and_show(amqp_url: str, org: int) -> None:
     )
     assert unreachable.exit_code == 1
     assert "secret" not in unreachable.output
+
+
+# ---- quorum queues ----------------------------------------------------------------------
+
+
+async def test_quorum_declare_keeps_the_retry_circuit(
+    amqp_url: str, amqp_connection: AbstractConnection, channel: AbstractChannel, org: int
+) -> None:
+    """``topology declare --quorum``: the org's queues are quorum queues (the shared
+    system queue is left alone), a classic declare of them is refused, and a rejected
+    message still comes back through the fail queue after the delay."""
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        topology_app,
+        ["declare", "--org", str(org), "--quorum", "--retry-delay", str(RETRY_MS),
+         "--url", amqp_url],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "quorum queues" in result.output
+    plan = plan_topology(org, SYNC_FLAGS, retry_delay_ms=RETRY_MS, quorum=True)
+    listed = rabbitmqctl(amqp_url, "list_queues", "name", "type")
+    if listed is not None:
+        types = {q["name"]: q["type"] for q in listed}
+        for name in plan.queue_names:
+            if name.startswith(("cus.", "org.")):
+                assert types[name] in {"quorum", "rabbit_quorum_queue"}, (name, types[name])
+    classic = plan_topology(org, SYNC_FLAGS, retry_delay_ms=RETRY_MS).queue(deliver_queue(org))
+    assert await queue_refused(amqp_connection, classic.name, classic.arguments)
+
+    body = b'{"schema":"proca:action:2","actionId":7}'
+    assert await Publisher(channel).publish(deliver_exchange(org), "register.bees", body)
+    message = await next_message(channel, deliver_queue(org))
+    await message.reject(requeue=False)
+    again = await next_message(channel, deliver_queue(org))
+    assert again.body == body
+    assert retry_count(again.headers, deliver_queue(org)) == 1
+    await again.ack()

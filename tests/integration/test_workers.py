@@ -138,8 +138,9 @@ async def test_workers_on_the_demo_restart_stop_and_drain(
 
     # SIGTERM stops them all: exit 0, no worker left behind.
     first.signal(signal.SIGTERM)
+    code = await first.wait(within=60)
     notable = [line for line in first.lines if '"event":"message"' not in line]
-    assert await first.wait(within=60) == 0, "\n".join(notable[-20:])
+    assert code == 0, "\n".join(notable[-20:])
     (stopped,) = [e for e in first.event("stopped") if "workers" in e]
     assert stopped["reason"] == "SIGTERM"
     assert stopped["in_flight"] == 0

@@ -348,3 +348,16 @@ def _death(queue: Any, reason: Any, count: Any) -> dict[str, Any]:
 )
 def test_retry_count(headers: dict[str, Any] | None, expected: int) -> None:
     assert retry_count(headers, "cus.320.deliver") == expected
+
+
+def test_quorum_plan_makes_the_org_queues_quorum_queues() -> None:
+    classic = plan_topology(N, ALL_ON)
+    quorum = plan_topology(N, ALL_ON, quorum=True)
+    assert quorum.bindings == classic.bindings and quorum.exchanges == classic.exchanges
+    for queue in quorum.queues:
+        before = classic.queue(queue.name).arguments
+        if queue.name == t.SYSTEM_QUEUE:
+            assert queue.arguments == before  # shared by every org: left as it is
+            continue
+        assert queue.arguments == {**before, **t.QUORUM_ARGUMENTS}, queue.name
+        assert queue.arguments["x-dead-letter-strategy"] == "at-least-once"
