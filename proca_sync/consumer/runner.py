@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -84,7 +84,7 @@ def lane_hash(lane: str) -> str:
 
 
 IntakeFactory = Callable[
-    [ConsumerSettings, Callable[[AbstractIncomingMessage], Awaitable[None]]], Intake
+    [ConsumerSettings, Callable[[DeliveredMessage], Coroutine[Any, Any, None]]], Intake
 ]
 """Builds the broker side from the settings and the delivery callback (tests pass an
 in-process stand-in)."""

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -101,7 +102,7 @@ class LocalChannel:
 
 @dataclass
 class LocalMessage:
-    """What aio-pika hands the consumer for one delivery (the attributes it reads)."""
+    """What aiormq hands the consumer for one delivery (the attributes it reads)."""
 
     body: bytes
     delivery_tag: int
@@ -112,6 +113,11 @@ class LocalMessage:
     routing_key: str = QUEUE
     content_type: str | None = None
     content_encoding: str | None = None
+
+    @property
+    def header(self) -> SimpleNamespace:
+        """The content header: its properties carry the AMQP headers."""
+        return SimpleNamespace(properties=SimpleNamespace(headers=self.headers))
 
 
 class LocalIntake(Intake):

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 
 from proca_sync.config import ConsumerSettings
 from proca_sync.consumer.intake import Delivery, Intake
@@ -153,9 +153,9 @@ class WorkerRunner:
 
     # ---- intake -------------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         # No await: deliveries keep their order (see consumer/runner.py).
-        attempts = attempts_of(message.headers, self.settings.queue)
+        attempts = attempts_of(message.header.properties.headers, self.settings.queue)
         delivery = self.intake.delivery(message, attempts, time.monotonic())
         self.stats.delivered()
         if self._stopping:
