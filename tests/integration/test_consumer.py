@@ -37,13 +37,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
     return subprocess.run(
-        [sys.executable, "-m", "proca_sync", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**base, **(env or {})},
-        timeout=120,
-        check=False,
+        [sys.executable, "-m", "proca_sync", *args], capture_output=True, text=True,
+        cwd=ROOT, env={**base, **(env or {})}, timeout=120, check=False,
     )
 
 
@@ -67,16 +62,8 @@ async def test_stream_ends_like_replay(
     crm = f"sqlite:///{tmp_path / 'crm.db'}"
     parked = f"sqlite:///{tmp_path / 'parked.db'}"
     process = await ConsumerProcess(
-        consumer_org,
-        "--crm",
-        crm,
-        "--parked",
-        parked,
-        "--keys",
-        str(keys),
-        "--concurrency",
-        "8",
-        "--exit-when-idle",
+        consumer_org, "--crm", crm, "--parked", parked, "--keys", str(keys),
+        "--concurrency", "8", "--exit-when-idle",
     ).start()
     consumer_processes.append(process)
     assert await process.wait(within=90) == 0, "\n".join(process.lines[-20:])
@@ -100,15 +87,8 @@ async def test_stream_ends_like_replay(
 async def test_missing_queue_is_one_line_exit_2(consumer_org: ConsumerOrg, tmp_path: Path) -> None:
     url, credentials = split_credentials(consumer_org.url)
     result = cli(
-        "run",
-        "--url",
-        url,
-        "--queue",
-        f"cus.{consumer_org.org + 1}.deliver",
-        "--crm",
-        f"sqlite:///{tmp_path / 'crm.db'}",
-        "--parked",
-        f"sqlite:///{tmp_path / 'p.db'}",
+        "run", "--url", url, "--queue", f"cus.{consumer_org.org + 1}.deliver",
+        "--crm", f"sqlite:///{tmp_path / 'crm.db'}", "--parked", f"sqlite:///{tmp_path / 'p.db'}",
         env=credentials,
     )
     assert result.returncode == 2
@@ -122,15 +102,8 @@ async def test_refused_credentials_are_one_line_exit_2(
     url, _ = split_credentials(consumer_org.url)
     secret = "wrong-pa$$word"
     result = cli(
-        "run",
-        "--url",
-        url,
-        "--queue",
-        consumer_org.queue,
-        "--crm",
-        f"sqlite:///{tmp_path / 'crm.db'}",
-        "--parked",
-        f"sqlite:///{tmp_path / 'p.db'}",
+        "run", "--url", url, "--queue", consumer_org.queue,
+        "--crm", f"sqlite:///{tmp_path / 'crm.db'}", "--parked", f"sqlite:///{tmp_path / 'p.db'}",
         env={"PROCA_USERNAME": "guest", "PROCA_PASSWORD": secret},
     )
     assert result.returncode == 2, result.stderr
@@ -235,9 +208,7 @@ async def test_parked_messages_can_be_shown_retried_and_dropped(
     assert left == stream.poison
     assert crm_export(crm) == replay_export(stream, tmp_path)
 
-    some_id = orjson.loads(
-        cli("parked", "list", "--parked", parked, "--json").stdout.splitlines()[0]
-    )["id"]
+    some_id = orjson.loads(cli("parked", "list", "--parked", parked, "--json").stdout.splitlines()[0])["id"]
     assert cli("parked", "drop", str(some_id), "--parked", parked).returncode == 0
     assert len(parked_reasons(parked)) == len(stream.poison) - 1
     assert cli("parked", "drop", str(some_id), "--parked", parked).returncode == 1

@@ -78,35 +78,17 @@ async def test_sigkill_three_times_loses_nothing_and_applies_nothing_twice(
     crm_file = tmp_path / "crm.db"
     crm, parked = f"sqlite:///{crm_file}", f"sqlite:///{tmp_path / 'parked.db'}"
     # Small prefetch and batches: progress is gradual, so the kills land mid-stream.
-    args = [
-        "--crm",
-        crm,
-        "--parked",
-        parked,
-        "--keys",
-        str(keys),
-        "--concurrency",
-        "2",
-        "--prefetch",
-        "6",
-        "--batch-size",
-        "3",
-    ]
+    args = ["--crm", crm, "--parked", parked, "--keys", str(keys),
+            "--concurrency", "2", "--prefetch", "6", "--batch-size", "3"]
     rng = random.Random()
     kills = 0
     for low, high in ((0.05, 0.25), (0.35, 0.55), (0.65, 0.85)):
         threshold = int(stream.records * rng.uniform(low, high))
         process = await ConsumerProcess(consumer_org, *args).start()
         consumer_processes.append(process)
-        await eventually(
-            lambda t=threshold: (
-                applied_count(crm_file) >= t
-                or (process.proc is not None and process.proc.returncode is not None)
-            ),
-            within=60,
-            interval=0.005,
-            what=f"{threshold} applied",
-        )
+        await eventually(lambda t=threshold: applied_count(crm_file) >= t or
+                         (process.proc is not None and process.proc.returncode is not None),
+                         within=60, interval=0.005, what=f"{threshold} applied")
         if process.proc is not None and process.proc.returncode is None:
             process.signal(signal.SIGKILL)
             kills += 1
@@ -137,32 +119,15 @@ async def test_cut_connection_reconnects_and_finishes(
     crm_file = tmp_path / "crm.db"
     crm, parked = f"sqlite:///{crm_file}", f"sqlite:///{tmp_path / 'parked.db'}"
     process = await ConsumerProcess(
-        consumer_org,
-        "--crm",
-        crm,
-        "--parked",
-        parked,
-        "--keys",
-        str(keys),
-        "--concurrency",
-        "2",
-        "--prefetch",
-        "6",
-        "--batch-size",
-        "3",
-        "--exit-when-idle",
+        consumer_org, "--crm", crm, "--parked", parked, "--keys", str(keys),
+        "--concurrency", "2", "--prefetch", "6", "--batch-size", "3", "--exit-when-idle",
     ).start()
     consumer_processes.append(process)
-    await eventually(
-        lambda: applied_count(crm_file) >= stream.records // 4,
-        within=60,
-        interval=0.005,
-        what="a quarter applied",
-    )
+    await eventually(lambda: applied_count(crm_file) >= stream.records // 4,
+                     within=60, interval=0.005, what="a quarter applied")
     assert close_connections_named(consumer_org.queue) == 1
-    await eventually(
-        lambda: bool(process.event("reconnected")), within=30, what="the consumer to reconnect"
-    )
+    await eventually(lambda: bool(process.event("reconnected")), within=30,
+                     what="the consumer to reconnect")
     assert await process.wait(within=120) == 0, "\n".join(process.lines[-20:])
 
     assert process.event("connection_lost")
@@ -183,14 +148,8 @@ async def test_parking_cut_short_by_a_lost_channel_is_not_lost_count(
     parked_file = tmp_path / "parked.db"
     ParkingStore(f"sqlite:///{parked_file}").open_sync()  # schema exists before the lock
     process = await ConsumerProcess(
-        consumer_org,
-        "--crm",
-        f"sqlite:///{tmp_path / 'crm.db'}",
-        "--parked",
-        f"sqlite:///{parked_file}",
-        "--metrics-port",
-        "0",
-        "--exit-when-idle",
+        consumer_org, "--crm", f"sqlite:///{tmp_path / 'crm.db'}",
+        "--parked", f"sqlite:///{parked_file}", "--metrics-port", "0", "--exit-when-idle",
     ).start()
     consumer_processes.append(process)
     await eventually(lambda: bool(process.event("metrics")), within=30, what="metrics port")
@@ -200,15 +159,11 @@ async def test_parking_cut_short_by_a_lost_channel_is_not_lost_count(
     try:
         poison = [b"not json %d {" % n for n in range(5)]
         await consumer_org.publish(poison)
-        await eventually(
-            lambda: metric(port, "proca_sync_in_flight") == len(poison),
-            within=30,
-            what="the poison received and waiting to be parked",
-        )
+        await eventually(lambda: metric(port, "proca_sync_in_flight") == len(poison),
+                         within=30, what="the poison received and waiting to be parked")
         assert close_connections_named(consumer_org.queue) == 1
-        await eventually(
-            lambda: bool(process.event("reconnected")), within=30, what="the consumer to reconnect"
-        )
+        await eventually(lambda: bool(process.event("reconnected")), within=30,
+                         what="the consumer to reconnect")
     finally:
         locker.execute("ROLLBACK")
         locker.close()
@@ -230,24 +185,13 @@ async def test_sigterm_finishes_in_flight_work_and_leaves_the_rest_queued(
     await consumer_org.publish(clean)
     keys = tmp_path / "keys.json"
     stream.keystore.save(keys)
-    args = [
-        "--parked",
-        f"sqlite:///{tmp_path / 'p.db'}",
-        "--keys",
-        str(keys),
-        "--concurrency",
-        "4",
-        "--prefetch",
-        "20",
-        "--batch-size",
-        "5",
-    ]
+    args = ["--parked", f"sqlite:///{tmp_path / 'p.db'}", "--keys", str(keys),
+            "--concurrency", "4", "--prefetch", "20", "--batch-size", "5"]
     with CrmServer(latency=0.05) as server:
         process = await ConsumerProcess(consumer_org, "--crm", server.url, *args).start()
         consumer_processes.append(process)
-        await eventually(
-            lambda: len(server.applied_keys()) >= 10, within=30, what="work in progress"
-        )
+        await eventually(lambda: len(server.applied_keys()) >= 10, within=30,
+                         what="work in progress")
         process.signal(signal.SIGTERM)
         assert await process.wait(within=30) == 0, "\n".join(process.lines[-20:])
         (stopped,) = process.event("stopped")
@@ -281,26 +225,15 @@ async def test_second_signal_exits_at_once_and_nothing_is_lost(
     stream.keystore.save(keys)
     with CrmServer(latency=60) as server:
         process = await ConsumerProcess(
-            consumer_org,
-            "--crm",
-            f"{server.url}?timeout=120",
-            "--keys",
-            str(keys),
-            "--parked",
-            f"sqlite:///{tmp_path / 'p.db'}",
-            "--shutdown-timeout",
-            "60",
-            "--metrics-port",
-            "0",
+            consumer_org, "--crm", f"{server.url}?timeout=120", "--keys", str(keys),
+            "--parked", f"sqlite:///{tmp_path / 'p.db'}", "--shutdown-timeout", "60",
+            "--metrics-port", "0",
         ).start()
         consumer_processes.append(process)
         await eventually(lambda: bool(process.event("metrics")), within=30, what="metrics port")
         port = process.event("metrics")[0]["port"]
-        await eventually(
-            lambda: (metric(port, "proca_sync_batches_in_flight") or 0) > 0,
-            within=30,
-            what="a CRM call in flight",
-        )
+        await eventually(lambda: (metric(port, "proca_sync_batches_in_flight") or 0) > 0,
+                         within=30, what="a CRM call in flight")
         process.signal(signal.SIGTERM)
         await eventually(lambda: bool(process.event("signal")), within=10, what="the first signal")
         assert process.proc is not None and process.proc.returncode is None  # still draining
@@ -328,18 +261,8 @@ async def test_breaker_holds_messages_while_the_crm_is_down(
     parked = f"sqlite:///{tmp_path / 'parked.db'}"
     await consumer_org.publish(stream.bodies)
     process = await ConsumerProcess(
-        consumer_org,
-        "--crm",
-        f"sqlite:///{crm_file}?timeout=0.5",
-        "--parked",
-        parked,
-        "--keys",
-        str(keys),
-        "--max-retries",
-        "10",
-        "--metrics-port",
-        "0",
-        "--exit-when-idle",
+        consumer_org, "--crm", f"sqlite:///{crm_file}?timeout=0.5", "--parked", parked,
+        "--keys", str(keys), "--max-retries", "10", "--metrics-port", "0", "--exit-when-idle",
     ).start()
     consumer_processes.append(process)
     try:
@@ -353,18 +276,13 @@ async def test_breaker_holds_messages_while_the_crm_is_down(
             except urllib.error.HTTPError as exc:
                 return exc.code, orjson.loads(exc.read())
 
-        await eventually(
-            lambda: health()[1].get("breaker") == "open", within=30, what="the breaker to open"
-        )
+        await eventually(lambda: health()[1].get("breaker") == "open", within=30,
+                         what="the breaker to open")
         status, body = health()
         assert status == 503 and body["connection"] == "connected"
         assert metric(port, "proca_sync_breaker_state", state="open") == 1.0
-        await eventually(
-            lambda: time.monotonic() - locked_at >= 30,
-            within=40,
-            interval=0.5,
-            what="30 s of outage",
-        )
+        await eventually(lambda: time.monotonic() - locked_at >= 30, within=40,
+                         interval=0.5, what="30 s of outage")
         assert process.proc is not None and process.proc.returncode is None
         assert transient_parks(parked, stream.poison) == {}
     finally:
@@ -387,13 +305,8 @@ async def test_healthz_is_ok_while_consuming(
     consumer_org: ConsumerOrg, consumer_processes: list[ConsumerProcess], tmp_path: Path
 ) -> None:
     process = await ConsumerProcess(
-        consumer_org,
-        "--crm",
-        f"sqlite:///{tmp_path / 'crm.db'}",
-        "--parked",
-        f"sqlite:///{tmp_path / 'p.db'}",
-        "--metrics-port",
-        "0",
+        consumer_org, "--crm", f"sqlite:///{tmp_path / 'crm.db'}",
+        "--parked", f"sqlite:///{tmp_path / 'p.db'}", "--metrics-port", "0",
     ).start()
     consumer_processes.append(process)
     await eventually(lambda: bool(process.event("metrics")), within=30, what="metrics port")
@@ -409,11 +322,9 @@ async def test_healthz_is_ok_while_consuming(
     await eventually(healthy, within=30, what="healthz 200")
     await consumer_org.publish([b"not json"])
     await eventually(
-        lambda: (
-            metric(port, "proca_sync_messages_total", outcome="park", label="invalid_json") == 1.0
-        ),
-        within=30,
-        what="the parked message in the metrics",
+        lambda: metric(port, "proca_sync_messages_total", outcome="park", label="invalid_json")
+        == 1.0,
+        within=30, what="the parked message in the metrics",
     )
     process.signal(signal.SIGINT)
     assert await process.wait(within=30) == 0
