@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 # shared/ sits beside the repository (CI clones main next to it); PROCA_SHARED overrides.
-FIXTURES = (
-    Path(os.environ.get("PROCA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    / "fixtures"
-)
+FIXTURES = Path(
+    os.environ.get("PROCA_SHARED", Path(__file__).resolve().parents[2] / "shared")
+) / "fixtures"
 
 PG_HOST = os.environ.get("PROCA_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PROCA_TEST_PG_PORT", "5432"))

@@ -15,8 +15,10 @@ sends 3.6/s, a 10 % margin for network jitter):
    but an existing person who is not subscribed (unsubscribed, bouncing, spam complaint)
    is left so — an opt-out never turns into a subscription; ``unsubscribed`` →
    ``unsubscribed``; ``not_opted_in`` → ``unsubscribed`` for a new person (the helper
-   would subscribe them otherwise) and no status at all for an existing one, so a form
-   submitted without the box ticked never unsubscribes a subscriber;
+   would subscribe them otherwise), marked ``proca_consent = not_opted_in`` so that their
+   later consent does subscribe them (they were never mailed, so could not have opted
+   out), and no status at all for an existing one, so a form submitted without the box
+   ticked never unsubscribes a subscriber;
 2. ``POST`` to the signup helper with names, postal code, country and ``add_tags`` — the
    campaign and action-type tags of the batch's actions, created first when missing
    (``filter=name eq '…'``, then ``POST osdi:tags``);
@@ -76,6 +78,10 @@ class ActionNetworkConfig(DestinationConfig):
     action_tag: str = "proca:{action_type}"
     petition_types: list[str] = Field(default_factory=lambda: ["register", "petition"])
     origin_system: str = "Proca"
+    consent_field: str | None = Field(
+        default="proca_consent",
+        description="Custom field marking people unsubscribed only for want of consent.",
+    )
 
 
 class ActionNetworkDestination:
@@ -253,11 +259,13 @@ class ActionNetworkDestination:
                 "GET people?filter=email_address",
             )
             existing = found[0] if found else None
-            status = _status(contact, existing)
+            status, consent = _status(contact, existing, self.config.consent_field)
             email: dict[str, Any] = {"address": contact.email}
             if status is not None:
                 email["status"] = status
             person: dict[str, Any] = {"email_addresses": [email]}
+            if consent is not None and self.config.consent_field:  # "" disables it
+                person["custom_fields"] = {self.config.consent_field: consent}
             if contact.first_name:
                 person["given_name"] = contact.first_name
             if contact.last_name:
@@ -362,20 +370,32 @@ class ActionNetworkDestination:
             report.failed[erasure.key] = exc
 
 
-def _status(contact: ContactView, existing: Mapping[str, Any] | None) -> str | None:
-    """The e-mail status to send (None: leave it as Action Network has it)."""
+def _status(
+    contact: ContactView, existing: Mapping[str, Any] | None, consent_field: str | None
+) -> tuple[str | None, str | None]:
+    """The e-mail status to send (None: leave it as Action Network has it) and the value
+    of the consent marker field (None: leave it)."""
     current = None
+    marker = None
     if existing is not None:
         for address in existing.get("email_addresses") or ():
             if str(address.get("address", "")).lower() == contact.email:
                 current = address.get("status")
+        if consent_field:
+            marker = (existing.get("custom_fields") or {}).get(consent_field)
     if contact.subscription == "unsubscribed":
-        return "unsubscribed"
+        return "unsubscribed", "unsubscribed"
     if contact.subscription == "subscribed":
-        if existing is not None and current in NOT_SUBSCRIBABLE:
-            return None  # an opt-out never turns into a subscription
-        return "subscribed"
-    return "unsubscribed" if existing is None else None
+        if existing is None or current == "subscribed":
+            return "subscribed", "subscribed"
+        if current == "unsubscribed" and marker == "not_opted_in":
+            # unsubscribed by us only because they had not opted in (never mailed, so
+            # never able to opt out in Action Network): their consent subscribes them
+            return "subscribed", "subscribed"
+        return None, None  # an opt-out never turns into a subscription
+    if existing is None:
+        return "unsubscribed", "not_opted_in"  # the helper would subscribe them otherwise
+    return None, None
 
 
 def _blank(email: str, person: Mapping[str, Any]) -> dict[str, Any]:

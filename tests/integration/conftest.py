@@ -190,17 +190,8 @@ class ConsumerProcess:
 
     def __init__(self, org: ConsumerOrg, *args: str, env: dict[str, str] | None = None) -> None:
         url, credentials = split_credentials(org.url)
-        self.args = [
-            sys.executable,
-            "-m",
-            "proca_sync",
-            "run",
-            "--url",
-            url,
-            "--queue",
-            org.queue,
-            *args,
-        ]
+        self.args = [sys.executable, "-m", "proca_sync", "run", "--url", url,
+                     "--queue", org.queue, *args]
         base = {k: v for k, v in os.environ.items() if not k.startswith("PROCA_")}
         self.env = {**base, **credentials, **(env or {})}
         self.proc: asyncio.subprocess.Process | None = None
@@ -209,12 +200,8 @@ class ConsumerProcess:
 
     async def start(self) -> ConsumerProcess:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.args,
-            env=self.env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            *self.args, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read())
         return self
@@ -273,13 +260,9 @@ async def consumer_processes() -> AsyncIterator[list[ConsumerProcess]]:
 
 def require_rabbitmqctl() -> str:
     path = shutil.which("rabbitmqctl")
-    ok = (
-        path is not None
-        and subprocess.run(
-            [path, "status"], capture_output=True, timeout=30, check=False
-        ).returncode
-        == 0
-    )
+    ok = path is not None and subprocess.run(
+        [path, "status"], capture_output=True, timeout=30, check=False
+    ).returncode == 0
     if not ok:
         if os.environ.get("CI"):
             pytest.fail("rabbitmqctl is not usable")
@@ -294,18 +277,14 @@ def close_connections_named(fragment: str) -> int:
     ctl = require_rabbitmqctl()
     listing = subprocess.run(
         [ctl, "list_connections", "pid", "client_properties", "-q", "--no-table-headers"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+        capture_output=True, text=True, timeout=30, check=True,
     ).stdout
     closed = 0
     for line in listing.splitlines():
         if fragment in line:
             pid = line.split("\t", 1)[0]
-            subprocess.run(
-                [ctl, "close_connection", pid, "test"], capture_output=True, timeout=30, check=True
-            )
+            subprocess.run([ctl, "close_connection", pid, "test"], capture_output=True,
+                           timeout=30, check=True)
             closed += 1
     return closed
 
@@ -356,24 +335,12 @@ def classify(stream: Stream) -> Stream:
 
 def poison_bodies() -> list[bytes]:
     """Messages that must be parked: one per permanent failure kind."""
-    tampered = action(
-        990001,
-        ref=_ref(99001),
-        email=None,
-        created="2024-05-01T10:00:00Z",
-        record={"email": "t@example.org", "lastName": "T"},
-        encrypt_for=ORG,
-    )
+    tampered = action(990001, ref=_ref(99001), email=None, created="2024-05-01T10:00:00Z",
+                      record={"email": "t@example.org", "lastName": "T"}, encrypt_for=ORG)
     payload = tampered["personalInfo"]["payload"]
     tampered["personalInfo"]["payload"] = ("A" if payload[0] != "A" else "B") + payload[1:]
-    unknown_key = action(
-        990002,
-        ref=_ref(99002),
-        email=None,
-        created="2024-05-01T10:00:00Z",
-        record={"email": "u@example.org"},
-        encrypt_for=STRANGER,
-    )
+    unknown_key = action(990002, ref=_ref(99002), email=None, created="2024-05-01T10:00:00Z",
+                         record={"email": "u@example.org"}, encrypt_for=STRANGER)
     no_id = action(990003, ref=_ref(99003), email="n@example.org", created="2024-05-01T10:00:00Z")
     del no_id["actionId"]
     return [
@@ -387,27 +354,13 @@ def poison_bodies() -> list[bytes]:
 
 
 def ignored_bodies() -> list[bytes]:
-    confirm = {
-        "schema": "proca:event:2",
-        "eventType": "confirm_created",
-        "timestamp": "2024-05-01T10:00:00Z",
-        "confirm": {
-            "operation": "launch_page",
-            "code": "x",
-            "email": "",
-            "message": "",
-            "subjectId": 1,
-            "objectId": "",
-            "creator": {},
-            "acceptLink": "https://x/a",
-            "rejectLink": "https://x/r",
-        },
-    }
-    unknown_event = {
-        "schema": "proca:event:2",
-        "eventType": "something_new",
-        "timestamp": "2024-05-01T10:00:00Z",
-    }
+    confirm = {"schema": "proca:event:2", "eventType": "confirm_created",
+               "timestamp": "2024-05-01T10:00:00Z",
+               "confirm": {"operation": "launch_page", "code": "x", "email": "", "message": "",
+                           "subjectId": 1, "objectId": "", "creator": {},
+                           "acceptLink": "https://x/a", "rejectLink": "https://x/r"}}
+    unknown_event = {"schema": "proca:event:2", "eventType": "something_new",
+                     "timestamp": "2024-05-01T10:00:00Z"}
     return [dumps(confirm), dumps(unknown_event)]
 
 
@@ -425,44 +378,23 @@ def mixed_stream(*, contacts: int, per_contact: int, seed: int) -> Stream:
             action_id = 100_000 + c * 1000 + k
             created = f"2024-0{1 + k % 9}-{1 + c % 27:02d}T{k % 24:02d}:00:00Z"
             encrypt = ORG if c % 3 == 0 else None
-            own.append(
-                dumps(
-                    action(
-                        action_id,
-                        ref=ref,
-                        email=None if encrypt else email,
-                        created=created,
-                        record={"email": email, "postcode": f"{1000 + k}", "country": "BE"},
-                        encrypt_for=encrypt,
-                        opt_in=(k % 2 == 0),
-                        action_type="register" if k == 0 else "share",
-                        with_consent=k == 0,
-                        given_at="2024-01-01T00:00:00Z",
-                        campaign=f"campaign_{c % 4}",
-                    )
-                )
-            )
+            own.append(dumps(action(
+                action_id, ref=ref, email=None if encrypt else email, created=created,
+                record={"email": email, "postcode": f"{1000 + k}", "country": "BE"},
+                encrypt_for=encrypt, opt_in=(k % 2 == 0), action_type="register" if k == 0 else "share",
+                with_consent=k == 0, given_at="2024-01-01T00:00:00Z",
+                campaign=f"campaign_{c % 4}",
+            )))
             if k % 4 == 3:
                 status = rng.choice(["double_opt_in", "bounce", "unsub"])
-                own.append(
-                    dumps(
-                        email_status(
-                            ref=ref,
-                            email=None,
-                            status=status,
-                            changed=f"2024-0{1 + k % 9}-{1 + c % 27:02d}T{k % 24:02d}:30:00Z",
-                            action_id=action_id,
-                            created=created,
-                        )
-                    )
-                )
+                own.append(dumps(email_status(
+                    ref=ref, email=None, status=status,
+                    changed=f"2024-0{1 + k % 9}-{1 + c % 27:02d}T{k % 24:02d}:30:00Z",
+                    action_id=action_id, created=created,
+                )))
         lanes.append(own)
-    lanes.append(
-        [
-            dumps(campaign_updated(f"campaign_{n}", f"Campaign {n}", when="2024-02-01T00:00:00Z"))
-            for n in range(4)
-        ]
-    )
+    lanes.append([dumps(campaign_updated(f"campaign_{n}", f"Campaign {n}", when="2024-02-01T00:00:00Z"))
+                  for n in range(4)])
     lanes.append(poison_bodies())
     lanes.append(ignored_bodies())
     lanes.append(all_fixture_bodies())
@@ -488,23 +420,9 @@ def replay_export(stream: Stream, tmp_path: Path) -> dict[str, Any]:
     stream.keystore.save(keys)
     crm = f"sqlite:///{tmp_path / 'replay.db'}"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "proca_sync",
-            "replay",
-            str(directory),
-            "--crm",
-            crm,
-            "--keys",
-            str(keys),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
+        [sys.executable, "-m", "proca_sync", "replay", str(directory), "--crm", crm,
+         "--keys", str(keys), "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )
     assert result.returncode in (0, 1), result.stderr
     backend = SqlBackend(crm)

@@ -147,9 +147,7 @@ def readable_keys(tmp_path: Path) -> Path:
 
 def test_replay_warns_once_when_the_key_store_is_readable(tmp_path: Path) -> None:
     keys = readable_keys(tmp_path)
-    result = invoke(
-        "replay", FIXTURE, "--keys", str(keys), "--crm", f"sqlite:///{tmp_path / 'c.db'}"
-    )
+    result = invoke("replay", FIXTURE, "--keys", str(keys), "--crm", f"sqlite:///{tmp_path / 'c.db'}")
     assert result.exit_code == 0, result.output
     assert result.output.count("readable by others") == 1, result.output
 
@@ -264,9 +262,7 @@ def test_password_in_url_on_the_command_line_is_refused_with_a_hint(tmp_path: Pa
         assert secret not in result.output
     # The same URL from the environment (or an env file) is not on argv: accepted, and
     # the unreachable broker is then exit 1 without the password in the message.
-    from_env = invoke(
-        "peek", "--queue", "q", env={"PROCA_URL": f"amqp://guest:{secret}@127.0.0.1:1/"}
-    )
+    from_env = invoke("peek", "--queue", "q", env={"PROCA_URL": f"amqp://guest:{secret}@127.0.0.1:1/"})
     assert from_env.exit_code == 1, from_env.output
     assert secret not in from_env.output
 
@@ -438,9 +434,7 @@ def test_contacts_fit_80_columns_and_filter(tmp_path: Path) -> None:
     assert len(rows) == len(contacts) - len(subscribed)
     wanted = contacts[0]["email"]
     found = json.loads(
-        invoke(
-            "crm", "contacts", "--crm", crm, "--search", wanted.upper(), "--format", "json"
-        ).output
+        invoke("crm", "contacts", "--crm", crm, "--search", wanted.upper(), "--format", "json").output
     )
     assert [c["email"] for c in found] == [wanted]
 

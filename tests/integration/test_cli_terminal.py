@@ -104,10 +104,8 @@ async def test_log_lines_print_above_one_status_line(
         # line keeps redrawing below.
         screen = await terminal.until(
             "the parked messages' log lines",
-            lambda ls: (
-                sum(bool(LOG.search(x)) for x in ls) >= len(poison)
-                and any(f"parked {len(poison)}" in x for x in ls)
-            ),
+            lambda ls: sum(bool(LOG.search(x)) for x in ls) >= len(poison)
+            and any(f"parked {len(poison)}" in x for x in ls),
         )
         status_lines = [x for x in screen if STATUS.search(x)]
         assert len(status_lines) == 1, "\n".join(screen)

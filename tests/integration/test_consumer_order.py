@@ -96,11 +96,8 @@ class FlakyCrm:
 
 def settings_for(org: ConsumerOrg, tmp_path: Path, **values: Any) -> ConsumerSettings:
     return ConsumerSettings(
-        url=org.url,
-        queue=org.queue,
-        parked=f"sqlite:///{tmp_path / 'parked.db'}",
-        exit_when_idle=True,
-        **values,
+        url=org.url, queue=org.queue, parked=f"sqlite:///{tmp_path / 'parked.db'}",
+        exit_when_idle=True, **values,
     )
 
 
@@ -110,29 +107,17 @@ async def consume(settings: ConsumerSettings, backend: Any, *, within: float = 6
     return consumer
 
 
-def contact_actions(
-    contacts: int, per_contact: int, seed: int
-) -> tuple[list[bytes], dict[str, list[int]]]:
+def contact_actions(contacts: int, per_contact: int, seed: int) -> tuple[list[bytes], dict[str, list[int]]]:
     """Each contact's actions in increasing id order, interleaved with the others'."""
     rng = random.Random(seed)
     pending = {
-        c: [
-            dumps(
-                action(
-                    c * 1000 + k,
-                    ref=f"ref{c:04d}".ljust(43, "z"),
-                    email=f"p{c}@example.org",
-                    created="2024-01-01T00:00:00Z",
-                )
-            )
-            for k in range(per_contact)
-        ]
+        c: [dumps(action(c * 1000 + k, ref=f"ref{c:04d}".ljust(43, "z"),
+                         email=f"p{c}@example.org", created="2024-01-01T00:00:00Z"))
+            for k in range(per_contact)]
         for c in range(contacts)
     }
-    expected = {
-        f"ref:{f'ref{c:04d}'.ljust(43, 'z')}": [c * 1000 + k for k in range(per_contact)]
-        for c in range(contacts)
-    }
+    expected = {f"ref:{f'ref{c:04d}'.ljust(43, 'z')}": [c * 1000 + k for k in range(per_contact)]
+                for c in range(contacts)}
     bodies = []
     while pending:
         c = rng.choice(sorted(pending))
@@ -175,10 +160,8 @@ async def test_dlx_retries_then_parks_with_the_last_error(
     assert parked.attempts == 2
     assert "CRM answered 503" in parked.detail and "after 3 attempt(s)" in parked.detail
     deaths = parked.headers["x-death"]
-    assert any(
-        d["queue"] == consumer_org.queue and d["reason"] == "rejected" and d["count"] == 2
-        for d in deaths
-    )
+    assert any(d["queue"] == consumer_org.queue and d["reason"] == "rejected"
+               and d["count"] == 2 for d in deaths)
     assert consumer.stats.totals()["retried"] == 2
     assert await consumer_org.depths() == [0, 0]
 
@@ -208,12 +191,8 @@ async def test_local_retry_mode_never_loses_a_message_on_a_queue_without_dlx(
 
         crm = FlakyCrm(fails)
         settings = ConsumerSettings(
-            url=consumer_org.url,
-            queue=queue,
-            parked=f"sqlite:///{tmp_path / 'parked.db'}",
-            exit_when_idle=True,
-            retry_delay=0.1,
-            batch_size=1,
+            url=consumer_org.url, queue=queue, parked=f"sqlite:///{tmp_path / 'parked.db'}",
+            exit_when_idle=True, retry_delay=0.1, batch_size=1,
         )
         assert settings.effective_retry_mode.value == "local"
         consumer = await consume(settings, crm)
@@ -225,9 +204,8 @@ async def test_local_retry_mode_never_loses_a_message_on_a_queue_without_dlx(
         assert 0 < consumer.stats.totals()["retried"] <= 2 * len(attempts)
 
         # With a budget of 1, an always-failing message is parked, not dropped.
-        poison = dumps(
-            action(777, ref="q" * 43, email="q@example.org", created="2024-01-01T00:00:00Z")
-        )
+        poison = dumps(action(777, ref="q" * 43, email="q@example.org",
+                              created="2024-01-01T00:00:00Z"))
         await consumer_org.publish([poison], queue=queue)
         crm = FlakyCrm(lambda r: r.action is not None and r.action.action_id == 777)
         settings = settings.model_copy(update={"max_retries": 1})
@@ -262,10 +240,10 @@ async def test_breaker_open_holds_without_spending_retries(
     consumer = Consumer(settings, backend=crm, parking=ParkingStore(settings.parked))
     run = asyncio.create_task(consumer.run())
     try:
-        await eventually(
-            lambda: consumer.breaker.state.value == "open", within=20, what="the breaker to open"
-        )
-        await eventually(lambda: consumer.breaker.trips >= 3, within=20, what="three failed probes")
+        await eventually(lambda: consumer.breaker.state.value == "open", within=20,
+                         what="the breaker to open")
+        await eventually(lambda: consumer.breaker.trips >= 3, within=20,
+                         what="three failed probes")
         retried = consumer.stats.totals()["retried"]
         assert retried <= 2 * settings.batch_size  # only the batches before it opened
         assert consumer.stats.in_flight > 0
@@ -287,12 +265,8 @@ async def test_max_messages_stops_and_returns_the_rest(
     await consumer_org.publish(bodies)
     crm = FlakyCrm(lambda _r: False)
     settings = ConsumerSettings(
-        url=consumer_org.url,
-        queue=consumer_org.queue,
-        max_messages=5,
-        batch_size=1,
-        concurrency=1,
-        parked=f"sqlite:///{tmp_path / 'parked.db'}",
+        url=consumer_org.url, queue=consumer_org.queue, max_messages=5, batch_size=1,
+        concurrency=1, parked=f"sqlite:///{tmp_path / 'parked.db'}",
     )
     consumer = await consume(settings, crm)
     assert consumer.stop_reason == "max_messages"

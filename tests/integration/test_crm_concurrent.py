@@ -74,10 +74,8 @@ def _concurrently(url: str, records: list[SyncRecord], seed: int) -> tuple[int, 
         rng.shuffle(share)
         batches: list[list[SyncRecord]] = []
         for record in share:
-            if (
-                not batches
-                or len(batches[-1]) >= BATCH
-                or any(r.key == record.key or r.lane == record.lane for r in batches[-1])
+            if not batches or len(batches[-1]) >= BATCH or any(
+                r.key == record.key or r.lane == record.lane for r in batches[-1]
             ):
                 batches.append([])
             batches[-1].append(record)
@@ -101,9 +99,8 @@ def test_concurrent_writers_reach_the_state_of_one(crm_url: str, tmp_path: Path)
     unique = len({r.key for r in records})
 
     reference = f"sqlite:///{tmp_path / 'reference.db'}"
-    one_applied, _ = asyncio.run(
-        _write(reference, [records[i : i + 50] for i in range(0, len(records), 50)])
-    )
+    one_applied, _ = asyncio.run(_write(reference, [records[i : i + 50]
+                                                    for i in range(0, len(records), 50)]))
     expected, expected_stats = _export(reference)
 
     applied, conflicts = _concurrently(crm_url, records, seed=3)

@@ -119,16 +119,17 @@ async def test_double_opt_in_subscribes_and_bounce_unsubscribes(
 ) -> None:
     dest = make(emu)
     try:
-        await dest.push(batch([contact(1, "ada@example.org")]))
-        assert emu.status_of("ada@example.org") == "unsubscribed"  # created not opted in
-        # confirmed later by double opt-in: our own "not opted in" was no opt-out, but the
-        # person is unsubscribed in Action Network now and is left so (documented bound)
+        await dest.push(batch([contact(1, "ada@example.org")], [action(11, 1)]))
+        assert emu.status_of("ada@example.org") == "unsubscribed"  # created, not opted in
+        # confirmed later by double opt-in: unsubscribed only for want of consent (never
+        # mailed, so never able to opt out), the person is subscribed now
         await dest.push(
             batch(
                 [
                     contact(
-                        2,
-                        "dee@example.org",
+                        1,
+                        "ada@example.org",
+                        version=2,
                         status="double_opt_in",
                         subscribed=True,
                         opted_in=False,
@@ -136,11 +137,35 @@ async def test_double_opt_in_subscribes_and_bounce_unsubscribes(
                 ]
             )
         )
-        assert emu.status_of("dee@example.org") == "subscribed"
-        await dest.push(batch([contact(2, "dee@example.org", version=2, status="bounce")]))
+        assert emu.status_of("ada@example.org") == "subscribed"
+        await dest.push(batch([contact(1, "ada@example.org", version=3, status="bounce")]))
+        assert emu.status_of("ada@example.org") == "unsubscribed"
+        # a bounce is an objection: a newer opt-in no longer subscribes them
+        await dest.push(batch([contact(1, "ada@example.org", version=4, subscribed=True)]))
     finally:
         await dest.close()
-    assert emu.status_of("dee@example.org") == "unsubscribed"
+    assert emu.status_of("ada@example.org") == "unsubscribed"
+
+
+async def test_unsubscribed_in_action_network_is_not_subscribed(
+    emu: ActionNetworkEmulator,
+) -> None:
+    emu.people["p1"] = {  # joined and left through Action Network itself
+        "id": "p1",
+        "identifiers": ["action_network:p1"],
+        "email_addresses": [
+            {"primary": True, "address": "ada@example.org", "status": "unsubscribed"}
+        ],
+        "postal_addresses": [],
+        "custom_fields": {},
+    }
+    dest = make(emu)
+    try:
+        await dest.push(batch([contact(1, "ada@example.org", subscribed=True)], [action(11, 1)]))
+    finally:
+        await dest.close()
+    assert emu.status_of("ada@example.org") == "unsubscribed"
+    assert emu.records_of("ada@example.org", "signatures") == [11]
 
 
 async def test_a_deleted_form_is_created_again(emu: ActionNetworkEmulator) -> None:

@@ -69,15 +69,8 @@ def test_quick_mode_loses_nothing_and_leaks_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     text = report.read_text()
     assert "all passed" in text
-    for name in (
-        "crash",
-        "broker-restart",
-        "network",
-        "postgres-outage",
-        "http-crm",
-        "poison",
-        "privacy",
-    ):
+    for name in ("crash", "broker-restart", "network", "postgres-outage", "http-crm", "poison",
+                 "privacy"):
         assert f"| {name} |" in text
 
 

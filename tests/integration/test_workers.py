@@ -120,10 +120,8 @@ async def test_workers_on_the_demo_restart_stop_and_drain(
         url = f"http://127.0.0.1:{port}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
         scraped[:] = [text]
-        return (
-            b"proca_sync_workers 2.0" in text
-            and b"proca_sync_connected 2.0" in text
-            and (b'proca_sync_messages_total{label="applied",outcome="ack"}' in text)
+        return b"proca_sync_workers 2.0" in text and b"proca_sync_connected 2.0" in text and (
+            b'proca_sync_messages_total{label="applied",outcome="ack"}' in text
         )
 
     await eventually(summed, within=30, what="/metrics summing both workers")

@@ -20,16 +20,10 @@ def doc(generated: str, command: str, cases: dict[str, dict[str, Any]]) -> dict[
 
 
 def test_fresh_cases_win_and_the_rest_is_carried_with_its_run() -> None:
-    old = doc(
-        "2026-01-01T00:00:00Z",
-        "python -m bench.run",
-        {"memory-1m": {"status": "error", "rate": 1.0}, "slow-crm": {"status": "error"}},
-    )
-    new = doc(
-        "2026-02-01T00:00:00Z",
-        "python -m bench.run --skip memory-1m --merge",
-        {"slow-crm": {"status": "error", "rate": 9.0}},
-    )
+    old = doc("2026-01-01T00:00:00Z", "python -m bench.run",
+              {"memory-1m": {"status": "error", "rate": 1.0}, "slow-crm": {"status": "error"}})
+    new = doc("2026-02-01T00:00:00Z", "python -m bench.run --skip memory-1m --merge",
+              {"slow-crm": {"status": "error", "rate": 9.0}})
     merged = merge(old, new)
     assert merged["generated"] == new["generated"]
     assert merged["cases"]["slow-crm"] == {"status": "error", "rate": 9.0}
@@ -40,11 +34,8 @@ def test_fresh_cases_win_and_the_rest_is_carried_with_its_run() -> None:
     assert merged["commands"]["slow-crm"].endswith("--merge slow-crm")
 
     # Carried again by a later run: it keeps the run it was measured in.
-    newer = doc(
-        "2026-03-01T00:00:00Z",
-        "python -m bench.run --only slow-crm --merge",
-        {"slow-crm": {"status": "error", "rate": 10.0}},
-    )
+    newer = doc("2026-03-01T00:00:00Z", "python -m bench.run --only slow-crm --merge",
+                {"slow-crm": {"status": "error", "rate": 10.0}})
     again = merge(merged, newer)
     assert again["carried"]["memory-1m"]["measured"] == old["generated"]
     assert again["cases"]["memory-1m"]["measured"] == old["generated"]

@@ -105,9 +105,7 @@ def test_auto_retry_mode(queue: str, mode: RetryMode, org: int | None) -> None:
 
 
 def test_explicit_retry_mode_wins() -> None:
-    assert (
-        ConsumerSettings(queue="my-queue", retry_mode="dlx").effective_retry_mode is RetryMode.DLX
-    )
+    assert ConsumerSettings(queue="my-queue", retry_mode="dlx").effective_retry_mode is RetryMode.DLX
 
 
 def test_consumer_tag_names_the_host() -> None:

@@ -722,14 +722,7 @@ def test_donation_and_encrypted_contact_round_trip(load_fixture: Loader) -> None
     ],
 )
 def test_json_types_are_not_coerced(path: tuple[str, ...], value: Any) -> None:
-    document = orjson.loads(
-        (
-            Path(__file__).resolve().parents[2].parent
-            / "shared"
-            / "fixtures"
-            / "petition_optin.json"
-        ).read_bytes()
-    )
+    document = orjson.loads((Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "petition_optin.json").read_bytes())
     node = document
     for key in path[:-1]:
         node = node[key]

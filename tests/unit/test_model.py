@@ -205,13 +205,8 @@ def test_action_without_identity_is_a_permanent_error() -> None:
 
 @pytest.mark.parametrize("value", [{"a": 1}, ["x"]], ids=["object", "list"])
 def test_a_column_field_that_is_not_a_scalar_is_a_permanent_error(value: Any) -> None:
-    message = action(
-        3,
-        ref="D" * 43,
-        email="d@example.org",
-        created="2024-01-01T10:00:00Z",
-        record={"lastName": value},
-    )
+    message = action(3, ref="D" * 43, email="d@example.org", created="2024-01-01T10:00:00Z",
+                     record={"lastName": value})
     with pytest.raises(DecodeError) as info:
         model(message)
     assert info.value.reason is Reason.INVALID_FIELD
