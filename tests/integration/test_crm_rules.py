@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,3 +163,27 @@ def test_merging_two_contacts_keeps_the_earliest_opt_in_time(
     assert contact["optInAt"] == "2024-06-01T00:00:00Z"
     assert sorted(contact["contactRefs"]) == sorted([REF, other])
     assert state["counts"]["consents"] == 2
+
+
+def test_the_record_by_record_writer_reaches_the_batch_writers_state(tmp_path: Path) -> None:
+    """A batch holding one value the batch writer does not take (a NUL character) is
+    written record by record; on the shared scenario that writer must reach the batch
+    writer's state (SQLite stores the NUL; PostgreSQL refuses that record, see
+    test_crm_batch.py)."""
+    from tests.support import scenario
+
+    engine = Engine(backend=SqlBackend("sqlite://"), keystore=scenario.keystore())
+    prepared = [engine.prepare(body) for body in scenario.bodies()]
+    recs = [r for r in prepared if isinstance(r, SyncRecord)]
+    odd = records([dumps(action(990, ref="N".ljust(43, "x"), email="nul@example.org",
+                                created="2024-01-01T00:00:00Z", first_name="N\x00ul"))])
+    states = []
+    for name, batch in (("batch.db", recs), ("single.db", [*recs, *odd])):
+        with SqlBackend(f"sqlite:///{tmp_path / name}") as backend:
+            assert backend.apply_sync(batch) == ["applied"] * len(batch)
+            exported = backend.export()
+        exported["contacts"] = [c for c in exported["contacts"]
+                                if "nul@example.org" not in c["emails"]]
+        states.append(exported)
+    assert states[0] == states[1]
+    scenario.check_expected(states[0])

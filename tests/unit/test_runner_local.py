@@ -301,10 +301,15 @@ async def test_a_permanent_refusal_is_parked_before_its_ack(rig: Rig) -> None:
 
     rig.backend.script.append(refuse_first)
     rig.backend.gate.set()
-    tag = await rig.intake.deliver(person_action(7))
+    body = person_action(7)
+    headers = {"x-death": [{"queue": QUEUE, "reason": "rejected", "count": 1}]}
+    tag = await rig.intake.deliver(body, headers)
     await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
     (entry,) = rig.parking.entries()
-    assert entry.reason == "crm_rejected"
+    assert (entry.reason, entry.queue, entry.exchange, entry.routing_key, entry.attempts) == (
+        "crm_rejected", QUEUE, "", QUEUE, 1)
+    assert entry.body == body and entry.headers == headers
+    assert entry.detail == "PermanentError: crm_rejected: refused"
     assert rig.consumer.stats.settled_total == 1
 
 
@@ -641,3 +646,39 @@ async def test_a_failing_settlement_task_is_logged_once_and_the_run_goes_on(
                                  for r in caplog.records), within=10, what="task_error")
     errors = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "task_error"]
     assert len(errors) == 1 and errors[0].fields["error"] == "RuntimeError"  # type: ignore[attr-defined]
+
+
+def test_lane_hash_names_each_lane_apart_and_stably() -> None:
+    names = {lane_hash(f"ref:{n}") for n in range(1000)}
+    assert len(names) == 1000  # no collisions among these: a lane is recognisable in logs
+    assert lane_hash("ref:a") == lane_hash("ref:a")
+    assert len(lane_hash("email:x@example.org")) == 12  # 6 bytes, hex
+    assert "x@example.org" not in lane_hash("email:x@example.org")
+
+
+async def test_a_retry_after_from_the_crm_opens_the_breaker_at_once(tmp_path: Path) -> None:
+    """One failed batch normally does not open the breaker (threshold 3); a Retry-After
+    does, and the first probe waits at least that long."""
+    backend = GatedBackend()
+    backend.script.append(failing(TransientError("slow down", retry_after=0.4)))
+    backend.gate.set()
+    LocalIntake.channel_for = LocalChannel(backend)
+    settings = ConsumerSettings(queue=QUEUE, consumer_tag="test", status_interval=60)
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    breaker = Breaker(threshold=3, base_delay=0.01, max_delay=0.05)
+    consumer = Consumer(settings, backend=backend, parking=parking, breaker=breaker,
+                        intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        tag = await intake.deliver(person_action(97))
+        await eventually(lambda: breaker.state is BreakerState.OPEN, within=10,
+                         what="the breaker to open")
+        assert breaker.probe_delay() >= 0.4
+        await eventually(lambda: tag in intake.local.acked(), within=10, what="the ack")
+    finally:
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
