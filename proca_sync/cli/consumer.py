@@ -253,6 +253,7 @@ def run_consumer(
         supervisor = Supervisor(
             settings, workers=processes, keys=keys, log_level=str(log_level).upper(),
             setup_logging=configure_logging, log_each=console is None,
+            erasure_key=erasure_key,
         )  # fmt: skip
         code, all_stats = asyncio.run(alongside(supervisor.run(console=console), pushers))
         totals = all_stats.totals()

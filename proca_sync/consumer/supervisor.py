@@ -101,6 +101,10 @@ class WorkerSpec:
     log_level: str
     setup_logging: Callable[[str], object]
     log_each: bool = True
+    erasure_key: Path | None = None
+    """The erasure key file: a worker's SQL CRM loads it (now or once ``crm forget``
+    creates it), so that an older redelivered message does not bring an erased person
+    back, as in a single process."""
 
 
 _EARLY_STOP = [False]
@@ -128,6 +132,7 @@ async def _worker(
     from proca_sync.consumer.runner import Consumer
     from proca_sync.consumer.status import Stats
     from proca_sync.crm import backend_from_url
+    from proca_sync.crm.sql import SqlBackend
     from proca_sync.crypto import Keystore
     from proca_sync.errors import ConfigError
 
@@ -135,9 +140,12 @@ async def _worker(
     idle_flag = [False]
     try:
         keystore = Keystore.load(spec.keys) if spec.keys is not None else None
+        backend = backend_from_url(settings.crm)
+        if spec.erasure_key is not None and isinstance(backend, SqlBackend):
+            backend.watch_erasure_key(spec.erasure_key)
         consumer = Consumer(
             settings,
-            backend=backend_from_url(settings.crm),
+            backend=backend,
             parking=ParkingStore(settings.parked),
             keystore=keystore,
             stats=Stats(shared=settled),
@@ -385,6 +393,7 @@ class Supervisor:
         log_level: str,
         setup_logging: Callable[[str], object],
         log_each: bool = True,
+        erasure_key: Path | None = None,
         restart_base: float = RESTART_BASE,
         restart_max: float = RESTART_MAX,
     ) -> None:
@@ -394,6 +403,7 @@ class Supervisor:
         self.log_level = log_level
         self.setup_logging = setup_logging
         self.log_each = log_each
+        self.erasure_key = erasure_key
         self.restart_base = restart_base
         self.restart_max = restart_max
         self._context = multiprocessing.get_context("spawn")
@@ -473,7 +483,7 @@ class Supervisor:
         parent, child = self._context.Pipe(duplex=False)
         spec = WorkerSpec(
             slot.index, self._child_settings(), self.keys, self.log_level, self.setup_logging,
-            self.log_each,
+            self.log_each, self.erasure_key,
         )
         process = self._context.Process(
             target=_worker_main, args=(spec, child, self._settled),
