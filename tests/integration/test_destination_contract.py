@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +90,9 @@ def export(url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def base_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("ledger")
-    bodies = stream(STREAM_ACTIONS, seed=5)
-    assert len(bodies) >= 5_000
+    # Quick mode: a shorter stream of the same kinds (the full mode replays > 5,000).
+    bodies = stream(STREAM_ACTIONS if FULL else 600, seed=5)
+    assert len(bodies) >= (5_000 if FULL else 600)
     asyncio.run(replay(f"sqlite:///{directory / 'crm.db'}", bodies))
     return directory / "crm.db"
 
@@ -228,6 +229,9 @@ def _make(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **make: An
         driver: Driver = FilesDriver(kind, tmp_path / f"out-{kind}")
         return Target(kind, driver, None, driver.config(None))  # type: ignore[arg-type]
     driver = ToyDriver() if kind == "toy" else importlib.import_module(DRIVERS[kind]).DRIVER
+    # Quick mode: the vendors' quotas are left out (their own tests hold them), so that a
+    # push is bound by the machine, not by 4 requests a second.
+    make.setdefault("rate_limited", FULL)
     emulator = driver.make(**make)
     monkeypatch.setenv(driver.key_env, driver.key)
     return Target(kind, driver, emulator)
@@ -253,10 +257,20 @@ def _serve(target: Target) -> Iterator[Target]:
         return
     with target.emulator.running():
         target.table = target.driver.config(target.emulator)
+        if not FULL:
+            target.table.setdefault("rate", 500.0)
+            target.table.setdefault("burst", 50)
         yield target
 
 
 KEY = b"k" * 64
+
+
+def remote_contacts(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The contacts of a driver's snapshot, keyed by e-mail (some drivers put them under
+    ``contacts`` beside their activities, others key the whole snapshot by e-mail)."""
+    inner = snapshot.get("contacts")
+    return inner if isinstance(inner, dict) else snapshot
 
 
 def assert_no_personal_data(output: str, data: dict[str, Any]) -> None:
@@ -290,7 +304,7 @@ async def test_a_push_leaves_the_promised_state_and_a_second_sends_nothing(
     first = await push(ledger, target)
     assert first.caught_up and first.parked == 0
     data = export(ledger)
-    assert len(data["contacts"]) > 500
+    assert len(data["contacts"]) > (500 if FULL else 100)
     assert target.snapshot() == target.expected(data)
     writes = target.writes()
     second = await push(ledger, target)
@@ -333,7 +347,11 @@ async def test_faults_mid_push_lose_nothing_and_duplicate_nothing(
 ) -> None:
     emulator = http_target.emulator
     assert emulator is not None
+    if not FULL and http_target.id == "activecampaign":
+        pytest.skip("quick mode: the short stream is one bulk import (its own tests hold faults)")
     http_target.table.update(rate=20.0, timeout=1.0)
+    if not FULL:  # the short stream in small batches: the push outlasts the faults
+        http_target.table.update(batch_size=10)
     emulator.latency = 0.02
     task = asyncio.create_task(push(ledger, http_target, within=FAULT_SECONDS + 120))
     await eventually(lambda: emulator.call(emulator.writes) > 2, within=30, what="first writes")
@@ -366,7 +384,7 @@ async def test_steady_state_rate_stays_under_the_configured_limit(
     result = await push(ledger, http_target)
     assert result.caught_up
     hits = emulator.call(lambda: len(emulator.hits))
-    assert hits > 10
+    assert hits > (10 if FULL else 2)
     # A token bucket of burst 1 at `rate` lets at most rate + 1 requests into any second.
     assert emulator.call(lambda: emulator.max_rate(1.0)) <= rate + 1
     assert emulator.call(emulator.throttled_count) == 0
@@ -483,6 +501,11 @@ async def test_erasure_reaches_every_destination_and_only_newer_actions_recreate
     destination = destination_from_config("dest", target.table)
     if not destination.supports_erasure:
         pytest.skip("this destination cannot erase")
+    if getattr(target.driver, "erasure_keeps_address", False):
+        pytest.skip(
+            "the API cannot delete a person: erasure strips the data and unsubscribes "
+            "(its docs page; held by its own tests), so the address stays"
+        )
     if not FULL and target.id == "csv":
         pytest.skip("quick mode: csv shares jsonl's code (PROCA_CONTRACT_FULL=1 runs it)")
     await push(ledger, target)
@@ -492,7 +515,7 @@ async def test_erasure_reaches_every_destination_and_only_newer_actions_recreate
         if c["email"] and not c["testing"] and c["actions"] and c["contactRefs"]
     )
     email = victim["email"]
-    assert email in target.snapshot()["contacts"]
+    assert email in remote_contacts(target.snapshot())
     key_file = tmp_path / "erasure.key"
     key_file.write_text(KEY.decode())
     forgot = CliRunner().invoke(
@@ -504,7 +527,7 @@ async def test_erasure_reaches_every_destination_and_only_newer_actions_recreate
     assert result.caught_up and result.parked == 0
     after = export(ledger)
     assert all(email not in c["emails"] for c in after["contacts"])
-    assert email not in target.snapshot()["contacts"]
+    assert email not in remote_contacts(target.snapshot())
     assert target.snapshot() == target.expected(after)
     with SqlBackend(ledger) as backend, backend.engine.connect() as conn:
         from sqlalchemy import text
@@ -516,12 +539,13 @@ async def test_erasure_reaches_every_destination_and_only_newer_actions_recreate
     await replay(ledger, [dumps(older)], KEY)
     assert all(email not in c["emails"] for c in export(ledger)["contacts"])
     # …a newer one creates them afresh, and the next push sends them.
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Stamped after the erasure (the wire format has whole seconds: one more is later).
+    now = (datetime.now(UTC) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     newer = action(9_100_002, ref=ref, email=email, created=now)
     await replay(ledger, [dumps(newer)], KEY)
     assert any(email in c["emails"] for c in export(ledger)["contacts"])
     await push(ledger, target)
-    assert email in target.snapshot()["contacts"]
+    assert email in remote_contacts(target.snapshot())
 
 
 # ---- run --push ---------------------------------------------------------------------------

@@ -402,6 +402,9 @@ class ActionNetworkEmulator(Emulator):
 
 
 class ActionNetworkDriver(Driver):
+
+    erasure_keeps_address = True
+    """The API cannot delete a person: erasure strips the data and unsubscribes."""
     type = "actionnetwork"
     rate_limit = 4.0
     """The documented requests per second (the emulator's quota when rate-limited)."""

@@ -314,8 +314,9 @@ class Emulator:
             thread.join(10)
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the emulator's loop thread (to read or change its state safely)."""
-        if self._loop is None:
+        """Run ``fn`` on the emulator's loop thread (to read or change its state safely);
+        at once when already there (a driver's snapshot reading the state)."""
+        if self._loop is None or threading.current_thread() is self._thread:
             return fn()
         future: asyncio.Future[Any] = asyncio.run_coroutine_threadsafe(_call(fn), self._loop)  # type: ignore[assignment]
         return future.result(10)
