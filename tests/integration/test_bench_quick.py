@@ -30,6 +30,8 @@ QUICK_CASES = {
     "proca-null",
     "proca-sqlite",
     "proca-postgres",
+    "proca-sqlite-w2",  # the supervisor's path; the 3-worker cases run in full mode only
+    "proca-postgres-w2",
     "slow-crm",
 }
 
