@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.web import PASSWORD, Console, make_console
+from proca_sync.consumer.policy import Outcome
+from tests.support.web import (
+    PASSWORD,
+    PERSONAL,
+    Console,
+    MetricsEndpoint,
+    make_console,
+    serve_metrics,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -58,7 +66,12 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], within: float = 
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Console, str]]:
+def metrics() -> Iterator[MetricsEndpoint]:
+    yield from serve_metrics()
+
+
+@pytest.fixture
+def served(tmp_path: Path, metrics: MetricsEndpoint) -> Iterator[tuple[Console, str]]:
     console = make_console(tmp_path)
     cli = [sys.executable, "-m", "proca_sync"]
     env = {**os.environ, "PROCA_WEB_PASSWORD": PASSWORD, "PROCA_WEB_SECRET": "browser test"}
@@ -68,11 +81,12 @@ def served(tmp_path: Path) -> Iterator[tuple[Console, str]]:
         env=env, check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     port = free_port()
+    log = (tmp_path / "web.log").open("wb")
     process = subprocess.Popen(
         [*cli, "web", "--users", console.settings.accounts_url, "--crm", console.crm_url,
          "--parked", console.parked_url, "--erasure-key", str(tmp_path / "erasure.key"),
-         "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "--metrics", metrics.url, "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         wait_listening(port, process)
@@ -80,10 +94,11 @@ def served(tmp_path: Path) -> Iterator[tuple[Console, str]]:
     finally:
         process.terminate()
         process.wait(15)
+        log.close()
 
 
 def test_log_in_and_see_the_parked_list(
-    served: tuple[Console, str], tmp_path: Path
+    served: tuple[Console, str], metrics: MetricsEndpoint, tmp_path: Path
 ) -> None:
     require_chromium()
     from selenium import webdriver
@@ -116,6 +131,15 @@ def test_log_in_and_see_the_parked_list(
         driver.find_element(By.ID, "password").send_keys(PASSWORD)
         driver.find_element(By.ID, "sign-in").click()
         wait.until(ec.url_to_be(base + "/"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "acked"), "0"))
+        # The consumer's figures move: htmx refreshes them without reloading the page.
+        metrics.settle(Outcome.ACK, 41)
+        metrics.settle(Outcome.RETRY, 2)
+        metrics.settle(Outcome.PARK, 2)
+        marker = driver.find_element(By.TAG_NAME, "h1")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "acked"), "41"))
+        assert driver.find_element(By.ID, "parked").text == "2"
+        assert marker.is_displayed()  # the same document: no reload
         shot("dashboard")
         driver.get(base + "/parked")
         rows = wait.until(
@@ -139,3 +163,7 @@ def test_log_in_and_see_the_parked_list(
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+    server_log = (tmp_path / "web.log").read_text(errors="replace")
+    assert "console on http://127.0.0.1" in server_log
+    for value in PERSONAL:
+        assert value not in server_log
