@@ -11,6 +11,7 @@ import datetime as dt
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -198,9 +199,16 @@ class LoginLimiter:
     """At most ``attempts`` failed logins per key (user name, client address) within
     ``window`` seconds; a success does not reset the count of the other key."""
 
-    def __init__(self, *, attempts: int = 5, window: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        attempts: int = 5,
+        window: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.attempts = attempts
         self.window = window
+        self._clock = clock
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -211,12 +219,12 @@ class LoginLimiter:
         return stamps
 
     def blocked(self, *keys: str) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             return any(len(self._recent(key, now)) >= self.attempts for key in keys)
 
     def failed(self, *keys: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             for key in keys:
                 self._recent(key, now).append(now)

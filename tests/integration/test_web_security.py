@@ -28,8 +28,6 @@ from tests.support.web import (
     serve_metrics,
 )
 
-pytest.importorskip("argon2")
-
 # Every route and the lowest role that may use it. A new route must be added here (the
 # completeness test fails otherwise), so that it is checked for anonymous and wrong-role
 # requests below.
