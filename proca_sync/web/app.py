@@ -94,6 +94,10 @@ class ForbiddenError(Exception):
         self.why = why
 
 
+class NotFoundError(Exception):
+    """No such parked message, contact or destination."""
+
+
 @dataclass(slots=True)
 class Session:
     csrf: str
@@ -272,6 +276,10 @@ def create_app(settings: WebSettings) -> FastAPI:
             return RedirectResponse("/login", status_code=303)
         return render(request, "error.html", 401, message="Please sign in first.")
 
+    @app.exception_handler(NotFoundError)
+    async def _not_found(request: Request, exc: NotFoundError) -> Response:
+        return render(request, "error.html", 404, message=str(exc))
+
     @app.exception_handler(ForbiddenError)
     async def _forbidden(request: Request, exc: ForbiddenError) -> Response:
         return render(request, "error.html", 403, message=exc.why)
@@ -443,7 +451,7 @@ def create_app(settings: WebSettings) -> FastAPI:
         store = parking()
         message = store.get(parked_id) if store else None
         if message is None:
-            raise ForbiddenError(f"no parked message {parked_id}")
+            raise NotFoundError(f"no parked message {parked_id}")
         return message
 
     @app.get("/parked/{parked_id}", response_class=HTMLResponse)
@@ -567,7 +575,7 @@ def create_app(settings: WebSettings) -> FastAPI:
                 select(contacts).where(contacts.c.id == contact_id, contacts.c.admitted)
             ).first()
             if row is None:
-                raise ForbiddenError(f"no contact {contact_id}")
+                raise NotFoundError(f"no contact {contact_id}")
             keys = conn.execute(
                 select(contact_keys.c.kind, contact_keys.c.value)
                 .where(contact_keys.c.contact_id == contact_id)
@@ -669,7 +677,7 @@ def create_app(settings: WebSettings) -> FastAPI:
     async def destination_retry(request: Request, name: str, user: User = moderator) -> Response:
         backend = crm()
         if backend is None or name not in await run_in_threadpool(registered, backend):
-            raise ForbiddenError(f"no destination {name!r}")
+            raise NotFoundError(f"no destination {name!r}")
         count = await run_in_threadpool(LedgerState(backend, name).retry, None)
         await run_in_threadpool(accounts.audit, user.name, "retry_destination", name[:128])
         log.info("destination retry", extra={"fields": {"user": user.name, "count": count}})
