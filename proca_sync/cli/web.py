@@ -25,6 +25,7 @@ from proca_sync.cli.common import (
     die,
     err,
     out,
+    require_existing_store,
 )
 from proca_sync.cli.config import ConfigOption, ErasureKeyOption
 from proca_sync.crm.sql import check_store_url
@@ -122,13 +123,15 @@ def web_serve(
         from proca_sync.web.app import WebSettings, create_app
     except ImportError:
         raise die("the web console needs the web extra: pip install 'proca-sync[web]'", 2) from None
-    for url, what in ((crm, "CRM"), (parked, "parking store"), (pipeline, "pipeline store"),
-                      (users, "web account store")):  # fmt: skip
+    # The console reads these: a mistyped path must not create an empty store.
+    for url, what, option in ((crm, "CRM", "--crm"), (parked, "parking store", "--parked"),
+                              (pipeline, "pipeline store", "--pipeline")):  # fmt: skip
         if url is not None:
-            try:
-                check_store_url(url, what=what)
-            except ConfigError as exc:
-                raise die(str(exc), 2) from None
+            require_existing_store(url, what=what, option=option)
+    try:
+        check_store_url(users, what="web account store")
+    except ConfigError as exc:
+        raise die(str(exc), 2) from None
     secret = _read_secret(secret_file, "PROCA_WEB_SECRET", "secret file")
     if secret is None:
         err.print("note: no PROCA_WEB_SECRET: sessions end when the server restarts")

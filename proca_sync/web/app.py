@@ -30,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
@@ -275,6 +276,22 @@ def create_app(settings: WebSettings) -> FastAPI:
         if request.method == "GET":
             return RedirectResponse("/login", status_code=303)
         return render(request, "error.html", 401, message="Please sign in first.")
+
+    @app.exception_handler(ProcaSyncError)
+    async def _unavailable(request: Request, exc: ProcaSyncError) -> Response:
+        log.warning(
+            "store unavailable",
+            extra={"fields": {"path": request.url.path, "error": type(exc).__name__}},
+        )
+        return render(request, "error.html", 503, message=f"unavailable: {type(exc).__name__}")
+
+    @app.exception_handler(sa_exc.SQLAlchemyError)
+    async def _database(request: Request, exc: sa_exc.SQLAlchemyError) -> Response:
+        log.warning(
+            "database error",
+            extra={"fields": {"path": request.url.path, "error": type(exc).__name__}},
+        )
+        return render(request, "error.html", 503, message="a database is unavailable")
 
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, exc: NotFoundError) -> Response:

@@ -322,3 +322,21 @@ def test_user_add_reads_the_password_from_the_environment(tmp_path: Path) -> Non
         cli_app, ["web", "user", "add", "eve", "--users", url], env={"PROCA_WEB_PASSWORD": "short"}
     )
     assert short.exit_code == 2
+
+
+def test_an_unusable_store_is_a_clear_503(console: Console, client: TestClient) -> None:
+    (console.tmp / "crm.db").write_bytes(b"this is not a SQLite database" * 100)
+    console.login(client, "ada")
+    reply = client.get("/contacts")
+    assert reply.status_code == 503
+    assert "unavailable" in reply.text
+    assert client.get("/parked").status_code == 200  # the rest of the console still works
+
+
+def test_web_refuses_a_missing_store_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    result = CliRunner().invoke(
+        cli_app, ["web", "--crm", f"sqlite:///{missing}", "--users", f"sqlite:///{tmp_path / 'w.db'}"]
+    )
+    assert result.exit_code == 2
+    assert not missing.exists()
