@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import orjson
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -292,6 +293,12 @@ def create_app(settings: WebSettings) -> FastAPI:
             extra={"fields": {"path": request.url.path, "error": type(exc).__name__}},
         )
         return render(request, "error.html", 503, message="a database is unavailable")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        # Names the fields only: the rejected values may be personal data.
+        fields = sorted({str(error["loc"][-1]) for error in exc.errors() if error.get("loc")})
+        return render(request, "error.html", 400, message=f"invalid {', '.join(fields)}")
 
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, exc: NotFoundError) -> Response:

@@ -340,3 +340,14 @@ def test_web_refuses_a_missing_store_and_creates_nothing(tmp_path: Path) -> None
     )
     assert result.exit_code == 2
     assert not missing.exists()
+
+
+def test_an_invalid_parameter_is_a_400_that_does_not_echo_it(
+    console: Console, client: TestClient
+) -> None:
+    assert client.get(f"/parked/{PERSONAL[0]}").status_code == 303  # anonymous first
+    console.login(client, "vic")
+    for path in (f"/parked/{PERSONAL[0]}", f"/parked?page={PERSONAL[0]}"):
+        reply = client.get(path)
+        assert reply.status_code == 400
+        assert PERSONAL[0] not in reply.text
