@@ -62,6 +62,9 @@ log = logging.getLogger("proca_sync.web")
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "proca_session"
+LOGIN_COOKIE = "proca_login"
+"""The anonymous CSRF token lives in its own cookie: a visit that arrives from another site
+(no SameSite=Strict cookie sent) then never overwrites a signed-in session."""
 SESSION_SALT = "proca-sync-web-session"
 
 
@@ -157,15 +160,20 @@ def create_app(settings: WebSettings) -> FastAPI:
         if isinstance(cached, Session):
             return cached
         session: Session | None = None
-        raw = request.cookies.get(SESSION_COOKIE)
-        if raw:
+        for name in (SESSION_COOKIE, LOGIN_COOKIE):
+            raw = request.cookies.get(name)
+            if not raw:
+                continue
             try:
                 data = signer.loads(raw, max_age=max_age)
             except BadSignature:
-                data = None
+                continue
             if isinstance(data, dict) and isinstance(data.get("c"), str):
-                user = data.get("u")
+                user = data.get("u") if name == SESSION_COOKIE else None
+                if name == SESSION_COOKIE and not isinstance(user, str):
+                    continue
                 session = Session(csrf=data["c"], user=user if isinstance(user, str) else None)
+                break
         if session is None:
             session = Session(csrf=secrets.token_urlsafe(32), changed=True)
         request.state.session = session
@@ -236,18 +244,21 @@ def create_app(settings: WebSettings) -> FastAPI:
         response = await call_next(request)
         session = getattr(request.state, "session", None)
         if isinstance(session, Session) and session.changed:
+            secure = request.url.scheme == "https"
             payload: dict[str, str] = {"c": session.csrf}
+            name = LOGIN_COOKIE
             if session.user is not None:
                 payload["u"] = session.user
+                name = SESSION_COOKIE
             response.set_cookie(
-                SESSION_COOKIE,
-                signer.dumps(payload),
-                max_age=max_age,
-                path="/",
-                httponly=True,
-                samesite="strict",
-                secure=request.url.scheme == "https",
-            )
+                name, signer.dumps(payload), max_age=max_age, path="/", httponly=True,
+                samesite="strict", secure=secure,
+            )  # fmt: skip
+            for stale in {SESSION_COOKIE, LOGIN_COOKIE} - {name}:
+                if stale in request.cookies:
+                    response.delete_cookie(
+                        stale, path="/", httponly=True, samesite="strict", secure=secure
+                    )
         headers = response.headers
         headers.setdefault(
             "Content-Security-Policy",

@@ -218,7 +218,10 @@ def test_session_cookie_flags(console: Console) -> None:
             reply = client.post(
                 "/login", data={"username": "vic", "password": PASSWORD, "csrf": token}
             )
-            cookie = reply.headers["set-cookie"].lower()
+            (cookie,) = [
+                c.lower() for c in reply.headers.get_list("set-cookie")
+                if c.startswith("proca_session=")
+            ]
             assert "httponly" in cookie
             assert "samesite=strict" in cookie
             assert ("secure" in cookie.split("; ")) is secure
@@ -351,3 +354,21 @@ def test_an_invalid_parameter_is_a_400_that_does_not_echo_it(
         reply = client.get(path)
         assert reply.status_code == 400
         assert PERSONAL[0] not in reply.text
+
+
+def test_an_anonymous_visit_never_overwrites_the_session(
+    console: Console, client: TestClient
+) -> None:
+    console.login(client, "vic")
+    # Arriving from another site: the browser sends no SameSite=Strict cookie.
+    with console.client() as bare:
+        reply = bare.get("/parked")
+        assert reply.status_code == 303
+        names = [c.split("=", 1)[0] for c in reply.headers.get_list("set-cookie")]
+        assert "proca_session" not in names
+    # Signed out: the session cookie goes, and the old one no longer opens anything.
+    token = csrf_of(client.get("/").text)
+    reply = client.post("/logout", data={"csrf": token})
+    assert any(c.startswith('proca_session=""') or "max-age=0" in c.lower()
+               for c in reply.headers.get_list("set-cookie"))
+    assert client.get("/").status_code == 303
