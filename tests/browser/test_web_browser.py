@@ -26,6 +26,8 @@ from tests.support.web import (
     serve_metrics,
 )
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 FLAGS = [
