@@ -574,10 +574,12 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
     if ANALYSIS.exists() and not s.get("quick"):
         out += [ANALYSIS.read_text().rstrip().format_map(analysis_values(doc)), ""]
 
-    # The pipeline's intake benchmark (python -m bench.pipeline) writes its own section.
-    pipeline_section = results_dir / "pipeline.md"
-    if pipeline_section.exists():
-        out += [pipeline_section.read_text().rstrip(), ""]
+    # The pipeline's intake benchmark (python -m bench.pipeline) and the web console's
+    # (python -m bench.web --full --report) write their own sections.
+    for own in ("pipeline.md", "web.md"):
+        section_file = results_dir / own
+        if section_file.exists():
+            out += [section_file.read_text().rstrip(), ""]
     destinations = results_dir / "destinations.json"
     if destinations.exists():  # python -m bench.destinations
         from bench.destinations import markdown as destinations_markdown

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python >= 3.11) and install proca-sync with its PostgreSQL and workers extras and the
+# Create .venv (Python >= 3.11) and install proca-sync with its PostgreSQL, pipeline, workers and web extras and the
 # dev tools. Idempotent; sourced by the other scripts.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,6 +27,6 @@ fi
 stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[postgres,pipeline,workers]' --group dev
+  .venv/bin/python -m pip install -q -e '.[postgres,pipeline,workers,web]' --group dev
   rm -f .venv/.installed-* && touch "$stamp"
 fi

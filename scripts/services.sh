@@ -2,9 +2,10 @@
 # Make sure the services the tests and the demo use are installed and running on
 # loopback: RabbitMQ (5672, guest/guest) and PostgreSQL (5432, database "test").
 # Installs Debian's packages when absent (needs root), starts what is stopped, and
-# waits until each answers. Usage: scripts/services.sh [rabbitmq] [postgres]
+# waits until each answers. Usage: scripts/services.sh [rabbitmq] [postgres] [chromium]
+# (chromium: Debian's browser and its WebDriver, for the web console's browser test.)
 set -euo pipefail
-want=("$@"); [ ${#want[@]} -eq 0 ] && want=(rabbitmq postgres)
+want=("$@"); [ ${#want[@]} -eq 0 ] && want=(rabbitmq postgres chromium)
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {
@@ -48,6 +49,11 @@ for service in "${want[@]}"; do
       fi
       psql -h 127.0.0.1 -U postgres -d test -tAc 'select 1' >/dev/null ||
         { echo "error: cannot log in to PostgreSQL as postgres on 127.0.0.1:5432, database test" >&2; exit 2; }
+    fi
+    ;;
+  chromium)
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+      apt_install chromium chromium-driver
     fi
     ;;
   *) echo "unknown service $service" >&2; exit 2 ;;

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-bash scripts/services.sh rabbitmq postgres
+bash scripts/services.sh rabbitmq postgres chromium
 export PGPASSWORD="${PGPASSWORD:-postgres}"
 . .venv/bin/activate
 echo "== ruff"; ruff check proca_sync tests bench reliability

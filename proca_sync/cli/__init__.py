@@ -16,6 +16,7 @@ from proca_sync.cli import (
     pipeline,
     push,
     replay,
+    web,
     worker,
 )
 from proca_sync.cli.common import ExitCode, app, configure_logging
@@ -26,7 +27,7 @@ __all__ = ["ExitCode", "app", "configure_logging", "main", "read_bodies"]
 
 # The modules register their commands on ``app`` when imported.
 _COMMAND_MODULES = (
-    replay, keys, crm, consumer, parked, demo, push, destinations, config, pipeline, worker,
+    replay, keys, crm, consumer, parked, demo, push, destinations, config, pipeline, worker, web,
 )  # fmt: skip
 
 app.add_typer(topology_app, name="topology", help="Declare and inspect an org's Proca queues.")
