@@ -72,7 +72,7 @@ class Terminal:
             lines = self.lines()
             if check(lines):  # type: ignore[operator]
                 return lines
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # sleep-ok: poll interval inside a deadline
         pytest.fail(f"timed out waiting for {what}; screen:\n" + "\n".join(self.lines()))
 
     def close(self) -> int:
@@ -122,7 +122,7 @@ async def test_log_lines_print_above_one_status_line(
         deadline = time.monotonic() + 30
         while terminal.proc.poll() is None and time.monotonic() < deadline:
             terminal.pump()  # keep the terminal drained so the child can exit
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # sleep-ok: poll interval inside a deadline
     finally:
         code = terminal.close()
     assert code == 0

@@ -155,7 +155,7 @@ async def sync_after(pipeline: Pipeline, crm: str, *, expect: int) -> None:
     deadline = asyncio.get_running_loop().time() + 30
     while await pipeline.depth(deliver_queue(pipeline.org)) < expect:
         assert asyncio.get_running_loop().time() < deadline, "event not published"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # sleep-ok: poll interval inside a deadline
     await asyncio.to_thread(sync_queue, pipeline, crm)
 
 

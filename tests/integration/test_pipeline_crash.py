@@ -55,7 +55,7 @@ async def load(service: Pipeline, stop: asyncio.Event, acknowledged: list[int]) 
                     if response.status == 200:
                         acknowledged.append((await response.json())["actionId"])
             except (aiohttp.ClientError, OSError):
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # sleep-ok: poll interval inside a deadline
 
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -106,7 +106,7 @@ async def test_sigkill_between_store_and_publish(pipeline: Pipeline) -> None:
     for _ in range(600):  # up to 60 s
         if set(seen) == stored:
             break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # sleep-ok: poll interval inside a deadline
     await asyncio.sleep(0.5)  # sleep-ok: a late duplicate would arrive now
     await connection.close()
     missing = stored - set(seen)

@@ -172,7 +172,7 @@ class Pipeline:
             while len(got) < expect and time.monotonic() < deadline:
                 message = await source.get(no_ack=True, fail=False)
                 if message is None:
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # sleep-ok: poll interval inside a deadline
                     continue
                 got.append(message)
         finally:

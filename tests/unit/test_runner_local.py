@@ -45,7 +45,7 @@ async def eventually(check: Callable[[], bool], *, within: float, what: str) -> 
     while not check():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # sleep-ok: poll interval inside a deadline
 
 
 def failing(exc: BaseException) -> Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]:
