@@ -314,12 +314,29 @@ async def scenario_crash(ctx: Context, result: ScenarioResult) -> None:
                 # size alone is not enough: after a checkpoint SQLite rewrites the WAL
                 # from the start without growing it; the modification time moves.)
                 mark = wal_mark(wal)
+                # A fast consumer may have applied the whole stream before this one
+                # started (the previous kill came at a random moment): then no commit
+                # is left to kill during, and this kill lands on an idle consumer.
+                applied_all = [False]
+                checked = [0.0]
 
-                def wal_written(mark: tuple[int, int] = mark) -> bool:
-                    return wal_mark(wal) != mark
+                def wal_written(
+                    mark: tuple[int, int] = mark,
+                    checked: list[float] = checked,
+                    applied_all: list[bool] = applied_all,
+                ) -> bool:
+                    if wal_mark(wal) != mark:
+                        return True
+                    if time.monotonic() - checked[0] > 0.2:  # a count now and then
+                        checked[0] = time.monotonic()
+                        applied_all[0] = sqlite_applied(crm_file) >= s.stream.records
+                    return applied_all[0]
 
                 await eventually(wal_written, within=30, interval=0.0005, what="a WAL write")
-                kinds["during a commit (WAL written)"] += 1
+                if wal_mark(wal) != mark:
+                    kinds["during a commit (WAL written)"] += 1
+                else:
+                    kinds["after the stream was applied"] += 1
             else:
                 await asyncio.sleep(rng.uniform(0.0, 0.3))  # a random moment
                 kinds["at a random moment"] += 1
