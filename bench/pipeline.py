@@ -180,11 +180,19 @@ def markdown(doc: dict[str, Any]) -> str:
         for i, r in enumerate(doc["runs"])
     )
     verdict = "met" if best["end_to_end_rps"] >= 500 else "NOT met"
+    busiest = max(r["load_average"] for r in doc["runs"])
+    machine = (
+        "**The machine was shared and busy** (load average up to "
+        f"{busiest:.1f} on 2 cores) while this ran; figures are lower bounds of what the "
+        "code does on a quiet host."
+        if busiest > 2.5
+        else f"The machine was otherwise quiet (load average up to {busiest:.1f}); the "
+        "client, the broker and the server share its 2 cores."
+    )
     return f"""## Pipeline intake (intake → cus.N.deliver)
 
 `python -m bench.pipeline --n {doc['n']} --concurrency {doc['concurrency']} --repeat \
-{len(doc['runs'])}` — {doc['when']}. **The machine was shared and busy** (about 8 engineers
-on 2 cores) while this ran; figures are lower bounds of what the code does on a quiet host.
+{len(doc['runs'])}` — {doc['when']}. {machine}
 
 Each run: a fresh `proca-sync pipeline serve` (SQLite state, rate limit off, one process),
 {doc['n']:,} `POST /api/actions` from {doc['concurrency']} concurrent clients; the time
