@@ -122,6 +122,16 @@ class ContactView:
     def key(self) -> ItemKey:
         return ("contact", str(self.contact_id))
 
+    def field(self, source: str) -> Any:
+        """A ledger field as the connectors' mapping tables name it: ``first_name``,
+        ``last_name``, ``postcode``, ``country``, else a personal field (``fields.NAME``
+        or plain ``NAME``)."""
+        if source.startswith("fields."):
+            return self.fields.get(source.removeprefix("fields."))
+        if source in {"first_name", "last_name", "postcode", "country"}:
+            return getattr(self, source)
+        return self.fields.get(source)
+
     @property
     def subscription(self) -> Subscription:
         if self.subscribed:

@@ -102,13 +102,6 @@ def brevo_retry_after(response: ApiResponse) -> float | None:
     return parse_retry_after(response.headers.get("Retry-After"))
 
 
-def field_value(contact: ContactView, source: str) -> Any:
-    if source.startswith("fields."):
-        return contact.fields.get(source.removeprefix("fields."))
-    if source in {"first_name", "last_name", "postcode", "country"}:
-        return getattr(contact, source)
-    return contact.fields.get(source)
-
 
 class BrevoDestination:
     """Keeps a Brevo account's contacts and lists in sync; see the module docstring."""
@@ -192,7 +185,7 @@ class BrevoDestination:
     def _attributes(self, contact: ContactView) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for source, attribute in self.config.attributes.items():
-            value = field_value(contact, source)
+            value = contact.field(source)
             if value not in (None, ""):
                 plain = isinstance(value, str | int | float | bool)
                 out[attribute] = value if plain else str(value)

@@ -107,14 +107,6 @@ def member_status(contact: ContactView) -> str | None:
     return None
 
 
-def field_value(contact: ContactView, source: str) -> Any:
-    """A ledger field named as in the mapping tables (``fields.NAME`` for the others)."""
-    if source.startswith("fields."):
-        return contact.fields.get(source.removeprefix("fields."))
-    if source in {"first_name", "last_name", "postcode", "country"}:
-        return getattr(contact, source)
-    return contact.fields.get(source)
-
 
 def event_name(prefix: str, action_type: str) -> str:
     """A valid event name (2–30 characters of letters, digits, ``-`` and ``_``)."""
@@ -247,7 +239,7 @@ class MailchimpDestination:
         body: dict[str, Any] = {"email_address": contact.email}
         merge = {}
         for source, tag in self.config.merge_fields.items():
-            value = field_value(contact, source)
+            value = contact.field(source)
             if value not in (None, ""):
                 merge[tag] = value if isinstance(value, str | int | float) else str(value)
         if merge:
