@@ -145,6 +145,16 @@ class Pusher:
         self._stop.set()
         self._wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        """``True`` once :meth:`request_stop` was called."""
+        return self._stop.is_set()
+
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
     def _expired(self) -> bool:
         return self._stop.is_set() or (
             self._deadline is not None and time.monotonic() >= self._deadline
@@ -400,13 +410,32 @@ async def alongside(main: Awaitable[T], pushers: Sequence[Pusher]) -> T:
     refused stops (logged); the consumer goes on acking into the ledger regardless."""
 
     async def follow(pusher: Pusher) -> None:
-        try:
-            await pusher.run(follow=True)
-        except ConfigError as exc:
-            log.error(
-                "destination %s: configuration refused (%s); not pushing", pusher.name, exc,
-                extra={"fields": {"event": "destination_config", "destination": pusher.name}},
-            )
+        # A pusher that cannot start or fails in a way its loop does not retry (the
+        # ledger busy while the consumer writes, a bug) starts again after a backoff:
+        # it must not die quietly while the consumer goes on acking.
+        delay = 1.0
+        while not pusher.stopping:
+            try:
+                await pusher.run(follow=True)
+            except ConfigError as exc:
+                log.error(
+                    "destination %s: configuration refused (%s); not pushing", pusher.name, exc,
+                    extra={"fields": {"event": "destination_config", "destination": pusher.name}},
+                )
+                return
+            except Exception as exc:  # classified below, then retried
+                transient = isinstance(exc, TransientError)
+                log.log(
+                    logging.WARNING if transient else logging.ERROR,
+                    "destination %s: pusher stopped (%s), starting again in %.0f s",
+                    pusher.name, type(exc).__name__, delay,
+                    extra={"fields": {"event": "pusher_restart", "destination": pusher.name,
+                                      "error": type(exc).__name__}},
+                )
+                await pusher.pause(delay)
+                delay = min(delay * 2.0, pusher.max_delay)
+                continue
+            return
 
     tasks = [asyncio.create_task(follow(p), name=f"push-{p.name}") for p in pushers]
     try:

@@ -588,10 +588,14 @@ async def test_run_push_keeps_draining_while_the_destination_is_down(
             if remaining > 0:
                 await asyncio.sleep(remaining)  # sleep-ok: the rest of the outage
             emulator.call(emulator.heal)
-            await eventually(
-                lambda: target.snapshot() == target.expected(export(url)),
-                within=90, what="the destination to catch up", interval=0.5,
-            )
+            try:
+                await eventually(
+                    lambda: target.snapshot() == target.expected(export(url)),
+                    within=90, what="the destination to catch up", interval=0.5,
+                )
+            except BaseException:
+                print("\n".join(process.lines[-40:]))  # the consumer's log: ids, no data
+                raise
             process.signal(signal.SIGTERM)
             assert await process.wait(60) == 0
             assert_no_personal_data("\n".join(process.lines), export(url))
