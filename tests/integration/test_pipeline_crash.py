@@ -1,7 +1,11 @@
 """SIGKILL of ``pipeline serve`` at random (seeded) moments under load, then restart:
-every stored action reaches cus.N.deliver, and no action is ever emitted as two different
-messages. Broker-level re-sends of the *same* outbox row (killed after the broker's
-confirm, before the row was marked) carry the same ``message_id`` and are counted.
+every stored action reaches cus.N.deliver, no action is ever emitted as two different
+messages, and proca-sync's consumer counts every action exactly once.
+
+On the wire delivery is at least once: a kill after the broker's confirm and before the
+outbox row was marked sends that row again after restart, with the same body and
+``message_id`` (AMQP has no commit shared by the broker and the database). Those re-sends
+are counted and printed; the consumer's ledger, keyed by action id, holds one action each.
 
 Quick variant: 3 kills. Full variant (the issue's 10 kills):
 ``PROCA_PIPELINE_KILLS=10 pytest tests/integration/test_pipeline_crash.py``.
@@ -13,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +27,8 @@ import orjson
 import pytest
 from sqlalchemy import func, select
 
+from proca_sync.crm.sql import SqlBackend
+from proca_sync.engine import Engine
 from proca_sync.pipeline.state import actions, outbox
 from proca_sync.pipeline.topology import deliver_queue
 from tests.support.pipeline import Pipeline, submission
@@ -66,6 +72,7 @@ async def test_sigkill_between_store_and_publish(pipeline: Pipeline) -> None:
     pipeline.setup(custom_action_deliver=True)
     pipeline.start()
     seen: dict[int, list[str]] = defaultdict(list)
+    received: list[bytes] = []
     connection = await aio_pika.connect(pipeline.amqp_url)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=500)
@@ -75,6 +82,7 @@ async def test_sigkill_between_store_and_publish(pipeline: Pipeline) -> None:
         body = orjson.loads(message.body)
         if body.get("stage") == "deliver":
             seen[int(body["actionId"])].append(str(message.message_id))
+            received.append(message.body)
         await message.ack()
 
     await queue.consume(on_message)
@@ -119,3 +127,22 @@ async def test_sigkill_between_store_and_publish(pipeline: Pipeline) -> None:
           f"{resent} broker re-sends of a confirmed-unmarked row; "
           f"committed-unpublished rows at each kill: {pending_at_kill}")
     assert sum(pending_at_kill) > 0, "no kill landed between store and publish"
+
+    # The consumer: proca-sync's own, applying every message the queue handed out
+    # (re-sends included, in arrival order) into its ledger — one action per action id.
+    url = f"sqlite:///{pipeline.tmp / 'consumer.db'}"
+    crm = SqlBackend(url)
+    await crm.open()
+    try:
+        summary = await Engine(backend=crm).run(received, batch_size=200)
+        assert not summary.rejected
+    finally:
+        await crm.close()
+    with SqlBackend(url) as ledger:
+        counted = Counter(
+            int(a["actionId"]) for c in ledger.export()["contacts"] for a in c["actions"]
+        )
+    assert set(counted) == stored, "the consumer's ledger holds every delivered action"
+    assert set(counted.values()) == {1}, "an action counted twice at the consumer"
+    print(f"consumer: {len(received)} messages received, {len(counted)} actions, "
+          "each counted once")
