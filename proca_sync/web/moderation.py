@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import Engine, func, select
@@ -64,6 +65,9 @@ log = logging.getLogger("proca_sync.web.moderation")
 CONSOLE_PREFIX = "web:"
 """``decided_by`` of a decision made in the console: ``web:<user name>`` (the management
 API records ``api:org <id>``)."""
+
+
+WAITING = actions.c.status == str(ActionStatus.CONFIRMING)
 
 
 class Verdict(StrEnum):
@@ -165,9 +169,14 @@ class ModerationDesk:
             self._processor = Processor(InstanceSecrets.load(self.secrets))
         return self._processor
 
+    def waiting_count(self) -> int:
+        """How many actions wait for a decision."""
+        with self.engine.connect() as conn:
+            query = select(func.count()).select_from(actions).where(WAITING)
+            return int(conn.execute(query).scalar() or 0)
+
     def waiting(self, page: int, size: int) -> tuple[list[WaitingAction], int]:
         """The waiting actions, oldest first, one page of ``size``; and how many wait."""
-        waiting = actions.c.status == str(ActionStatus.CONFIRMING)
         query = (
             select(
                 actions.c.id, actions.c.created_at, actions.c.action_type,
@@ -181,16 +190,13 @@ class ModerationDesk:
             .join(campaigns, campaigns.c.id == actions.c.campaign_id)
             .join(orgs, orgs.c.id == pages.c.org_id)
             .outerjoin(supporters, supporters.c.id == actions.c.supporter_id)
-            .where(waiting)
+            .where(WAITING)
             .order_by(actions.c.id)
             .limit(size)
             .offset((page - 1) * size)
         )  # fmt: skip
+        total = self.waiting_count()
         with self.engine.connect() as conn:
-            total = int(
-                conn.execute(select(func.count()).select_from(actions).where(waiting)).scalar()
-                or 0
-            )
             rows = conn.execute(query).all()
         items = [
             WaitingAction(
@@ -317,6 +323,15 @@ def add_moderation_routes(
             can_decide=settings.pipeline_secrets is not None, notice=notice,
         )  # fmt: skip
 
+    async def cell(request: Request, outcome: Decided | Taken, status_code: int) -> Response:
+        """The row's new decision cell (htmx); the fresh waiting count rides along as an
+        ``HX-Trigger`` event, so the heading follows everyone's decisions."""
+        found = desk()
+        count = await run_in_threadpool(found.waiting_count) if found is not None else 0
+        response = render(request, "_moderation_outcome.html", status_code, outcome=outcome)
+        response.headers["HX-Trigger"] = orjson.dumps({"moderationWaiting": count}).decode()
+        return response
+
     @app.get("/moderation", response_class=HTMLResponse)
     async def moderation_inbox(request: Request, page: int = 1, user: User = moderator) -> Response:
         return await inbox(request, max(1, page))
@@ -347,7 +362,7 @@ def add_moderation_routes(
                 extra={"fields": {"user": user.name, "action_id": action_id, "code": code}},
             )
             if fragment:
-                return render(request, "_moderation_outcome.html", code, outcome=outcome)
+                return await cell(request, outcome, code)
             return await inbox(request, 1, status_code=code, notice=outcome)
         await run_in_threadpool(
             audit, user.name, f"moderate_{verdict.value}", f"action:{action_id}"
@@ -358,7 +373,7 @@ def add_moderation_routes(
                               "decision": verdict.value, "status": outcome.status.value}},
         )  # fmt: skip
         if fragment:
-            return render(request, "_moderation_outcome.html", outcome=outcome)
+            return await cell(request, outcome, 200)
         return await inbox(request, 1, notice=outcome)
 
     @app.get("/moderation/history", response_class=HTMLResponse)

@@ -158,6 +158,8 @@ def test_two_moderators_at_once(pipeline: Pipeline, console: str, tmp_path: Path
         keys(noor, "k", "k", "a")
         noor_wait.until(ec.text_to_be_present_in_element(outcome(a), "Already decided by mia"))
         assert "accepted" in noor.find_element(*outcome(a)).text
+        # The heading follows everyone's decisions: only C waits now.
+        noor_wait.until(ec.text_to_be_present_in_element((By.ID, "waiting-total"), "1"))
         assert noor.find_elements(By.CSS_SELECTOR, f"#action-{c} button.accept")  # C waits
         if shots:
             Path(shots).mkdir(parents=True, exist_ok=True)

@@ -187,6 +187,7 @@ def test_decisions_write_status_outbox_record_and_audit(
     reply = decide(client, token, accepted, "accept", **{"HX-Request": "true"})
     assert reply.status_code == 200 and "Accepted by you" in reply.text
     assert reply.text.lstrip().startswith("<td")  # htmx gets the row's cell, not a page
+    assert orjson.loads(reply.headers["HX-Trigger"]) == {"moderationWaiting": 2}
     reply = decide(client, token, rejected, "reject")  # without htmx: the whole inbox
     assert reply.status_code == 200 and "Rejected by you" in reply.text
     assert f'id="action-{waiting}"' in reply.text and f'id="action-{accepted}"' not in reply.text

@@ -50,5 +50,12 @@
     }
   });
 
+  // Each decision's answer carries the fresh waiting count (HX-Trigger): everyone's
+  // decisions, not only this page's.
+  document.addEventListener("moderationWaiting", function (event) {
+    var total = document.getElementById("waiting-total");
+    if (total && typeof event.detail.value === "number") { total.textContent = String(event.detail.value); }
+  });
+
   document.addEventListener("DOMContentLoaded", function () { select(0); });
 })();
