@@ -35,7 +35,7 @@ from proca_sync.errors import ConfigError
 DEFAULT_USERS_URL = "sqlite:///proca-web.db"
 
 web_app = typer.Typer(
-    help="The web console: dashboard, parked messages, destinations, contacts.",
+    help="The web console: dashboard, parked messages, destinations, contacts, moderation.",
     invoke_without_command=True,
 )
 user_app = typer.Typer(help="Console accounts.", no_args_is_help=True)
@@ -83,7 +83,15 @@ def web_serve(
             "--pipeline",
             envvar="PROCA_PIPELINE_DB",
             metavar="URL",
-            help="The pipeline's state store (moderation inbox: not built yet).",
+            help="The pipeline's state store: the moderation inbox.",
+        ),
+    ] = None,
+    pipeline_secrets: Annotated[
+        Path | None,
+        typer.Option(
+            "--pipeline-secrets",
+            envvar="PROCA_PIPELINE_SECRETS",
+            help="The pipeline's secrets file: needed to accept or reject in the inbox.",
         ),
     ] = None,
     metrics: Annotated[
@@ -130,6 +138,10 @@ def web_serve(
             require_existing_store(url, what=what, option=option)
     try:
         check_store_url(users, what="web account store")
+        if pipeline_secrets is not None:  # unusable secrets: refuse now, not at a decision
+            from proca_sync.pipeline.instance import InstanceSecrets
+
+            InstanceSecrets.load(pipeline_secrets)
     except ConfigError as exc:
         raise die(str(exc), 2) from None
     secret = _read_secret(secret_file, "PROCA_WEB_SECRET", "secret file")
@@ -144,6 +156,7 @@ def web_serve(
         crm_url=crm,
         metrics_url=metrics,
         pipeline_url=pipeline,
+        pipeline_secrets=pipeline_secrets,
         keys=keys,
         erasure_key=erasure_key,
     )

@@ -508,7 +508,9 @@ def create_app(config: PipelineConfig, *, engine: Engine | None = None) -> FastA
         owned(actionId, org)
         now = datetime.now(UTC)
         status = committed(
-            lambda conn: processor.moderate(conn, actionId, accept=decision == "accept", now=now)
+            lambda conn: processor.moderate(
+                conn, actionId, accept=decision == "accept", now=now, by=f"api:org {org}"
+            )
         )
         if status is None:
             raise HTTPException(409, "the action is not waiting for moderation")

@@ -52,6 +52,7 @@ from proca_sync.pipeline.state import (
     actions,
     campaigns,
     contacts,
+    moderations,
     org_keys,
     orgs,
     outbox,
@@ -716,19 +717,43 @@ class Processor:
         return [int(row.id) for row in rows]
 
     def moderate(
-        self, conn: Connection, action_id: int, *, accept: bool, now: datetime
+        self,
+        conn: Connection,
+        action_id: int,
+        *,
+        accept: bool,
+        now: datetime,
+        by: str = "api",
     ) -> ActionStatus | None:
         """Accept or reject one action waiting in moderation (``confirming``).
 
         Accepting moves it to ``accepted`` and processes it (row 9 → delivered); rejecting
-        makes it ``rejected`` (row 8: never delivered). Returns the new status, or ``None``
-        when the action is not waiting for moderation.
+        makes it ``rejected`` (row 8: never delivered). The decision is recorded in
+        ``moderations`` with ``by`` (who decided) in the same transaction. Returns the new
+        status, or ``None`` when the action is not waiting for moderation.
+
+        Atomic against concurrent moderators: the status changes only if it is still
+        ``confirming`` (one conditional UPDATE; on PostgreSQL the second transaction waits
+        for the first and then matches no row, on SQLite writers are serialised), and the
+        ``moderations`` key refuses a second row for the same action. So of two
+        decisions of one action exactly one takes effect; the other gets ``None``.
         """
-        row = conn.execute(select(actions.c.status).where(actions.c.id == action_id)).first()
-        if row is None or row.status != str(A.CONFIRMING):
-            return None
         target = A.ACCEPTED if accept else A.REJECTED
-        conn.execute(update(actions).where(actions.c.id == action_id).values(status=str(target)))
+        changed = conn.execute(
+            update(actions)
+            .where(actions.c.id == action_id, actions.c.status == str(A.CONFIRMING))
+            .values(status=str(target))
+        ).rowcount
+        if changed != 1:
+            return None
+        conn.execute(
+            insert(moderations).values(
+                action_id=action_id,
+                decision="accept" if accept else "reject",
+                decided_by=by[:255],
+                decided_at=now,
+            )
+        )
         if accept:
             self.process(conn, action_id, now)
         final = conn.execute(select(actions.c.status).where(actions.c.id == action_id)).scalar_one()

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import make_url
 
@@ -45,6 +46,7 @@ __all__ = [
     "contacts",
     "metadata",
     "migrate",
+    "moderations",
     "open_engine",
     "org_keys",
     "orgs",
@@ -203,6 +205,27 @@ actions = Table(
     Column("status", String(16), nullable=False),
     Column("created_at", _ts, nullable=False),
     Index("ix_actions_unlinked", "contact_ref", "supporter_id"),
+    # The moderation inbox lists the actions waiting in `confirming`: a partial index holds
+    # only those, so it costs the intake nothing for the others.
+    Index(
+        "ix_actions_confirming",
+        "id",
+        sqlite_where=text("status = 'confirming'"),
+        postgresql_where=text("status = 'confirming'"),
+    ),
+)
+
+moderations = Table(
+    "moderations",
+    metadata,
+    # One row per moderated action, written in the transaction that decided it: the key
+    # makes a second decision of the same action impossible, and the row says who won.
+    Column("action_id", BigInteger, ForeignKey("actions.id"), primary_key=True,
+           autoincrement=False),
+    Column("decision", String(16), nullable=False),
+    Column("decided_by", String(255), nullable=False),
+    Column("decided_at", _ts, nullable=False),
+    Index("ix_moderations_decided_at", "decided_at"),
 )
 
 outbox = Table(

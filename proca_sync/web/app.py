@@ -55,6 +55,7 @@ from proca_sync.messages.decode import decode
 from proca_sync.sync.contacts import normalise_email
 from proca_sync.sync.model import Options
 from proca_sync.web.accounts import AccountStore, HashCost, LoginLimiter, Role, User
+from proca_sync.web.moderation import add_moderation_routes
 
 __all__ = ["WebSettings", "create_app"]
 
@@ -78,6 +79,7 @@ class WebSettings:
     crm_url: str | None = None
     metrics_url: str | None = None
     pipeline_url: str | None = None
+    pipeline_secrets: Path | None = None
     keys: Path | None = None
     erasure_key: Path | None = None
     page_size: int = 50
@@ -717,6 +719,12 @@ def create_app(settings: WebSettings) -> FastAPI:
         await run_in_threadpool(accounts.audit, user.name, "retry_destination", name[:128])
         log.info("destination retry", extra={"fields": {"user": user.name, "count": count}})
         return RedirectResponse("/destinations", status_code=303)
+
+    # ---- moderation inbox (its own module) --------------------------------------------
+
+    add_moderation_routes(
+        app, settings, render=render, moderator=moderator, audit=accounts.audit, stores=stores
+    )
 
     # ---- audit ------------------------------------------------------------------------
 

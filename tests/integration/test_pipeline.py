@@ -12,12 +12,14 @@ from pathlib import Path
 
 import orjson
 import pytest
+from sqlalchemy import select
 
 from proca_sync.crm.sql import SqlBackend
 from proca_sync.messages.decode import decode
 from proca_sync.messages.schemas import ActionMessage
 from proca_sync.pipeline.app import sign_webhook
 from proca_sync.pipeline.confirm import ManagementClient, consume_confirmations, supporter_links
+from proca_sync.pipeline.state import moderations
 from proca_sync.pipeline.topology import (
     action_confirm_queue,
     deliver_queue,
@@ -191,6 +193,12 @@ async def test_moderation_by_the_orgs_own_consumer(pipeline: Pipeline) -> None:
     # Deciding again is harmless: 409 for an action no longer waiting.
     status, _ = await pipeline.manage(f"/api/actions/{good}/accept")
     assert status == 409
+    # Each decision is recorded once, with where it came from (the console's inbox shows it).
+    with pipeline.engine.connect() as conn:
+        recorded = {r.action_id: (r.decision, r.decided_by)
+                    for r in conn.execute(select(moderations))}  # fmt: skip
+    origin = f"api:org {pipeline.org}"
+    assert recorded == {good: ("accept", origin), bad: ("reject", origin)}
 
 
 async def test_campaign_update_emits_campaign_updated(pipeline: Pipeline) -> None:

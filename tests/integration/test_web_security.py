@@ -45,6 +45,9 @@ ROUTES: dict[tuple[str, str], Role] = {
     ("POST", "/contacts/{contact_id}/forget"): Role.ADMIN,
     ("GET", "/destinations"): Role.VIEWER,
     ("POST", "/destinations/{name}/retry"): Role.MODERATOR,
+    ("GET", "/moderation"): Role.MODERATOR,
+    ("POST", "/moderation/decide"): Role.MODERATOR,
+    ("GET", "/moderation/history"): Role.MODERATOR,
     ("GET", "/audit"): Role.ADMIN,
 }
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout")}
