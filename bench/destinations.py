@@ -44,6 +44,10 @@ from tests.support.emulators.base import Driver, Emulator
 from tests.support.emulators.toy import ToyDriver
 
 LATENCY = 0.1
+# Action Network has no batch endpoint and allows 4 requests a second: about one contact
+# a second whatever a pusher does, so 100,000 contacts would take more than a day. Its
+# figures come from a sample (contacts, per-message sample); the rate is what they show.
+SAMPLED = {"actionnetwork": (300, 60)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -201,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-dest-") as tmp:
         for kind, driver in targets(args.only):
-            print(f"… {kind}: {contacts} contacts", file=sys.stderr, flush=True)
-            row = bench_one(kind, driver, contacts, sample, Path(tmp))
+            size, baseline = contacts, sample
+            if kind in SAMPLED:
+                size, baseline = min(contacts, SAMPLED[kind][0]), min(sample, SAMPLED[kind][1])
+            print(f"… {kind}: {size} contacts", file=sys.stderr, flush=True)
+            row = bench_one(kind, driver, size, baseline, Path(tmp))
+            row["contacts"], row["sample"] = size, baseline
             rows.append(row)
             p, b = row["pusher"], row["per_message"]
             print(
@@ -237,15 +245,16 @@ def markdown(doc: dict[str, Any]) -> list[str]:
         "Requests per second are the emulator's count (retries included). Targets: ≥ 50× "
         "the per-message figure; ≥ 80 % of the rate limit used; 429s ≤ 1 % of requests.",
         "",
-        "| destination | pusher contacts/s | per-message contacts/s | ratio | requests/s | "
-        "rate limit | share used | batch | 429s | bounded by |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| destination | contacts | pusher contacts/s | per-message contacts/s | ratio | "
+        "requests/s | rate limit | share used | batch | 429s | bounded by |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in doc["rows"]:
         p, b = row["pusher"], row["per_message"]
         share = p.get("rate_share")
         out.append(
-            f"| {row['destination']} | {p['contacts_per_s']:,.0f} | {b['contacts_per_s']:.2f} "
+            f"| {row['destination']} | {row.get('contacts', doc['contacts']):,} "
+            f"| {p['contacts_per_s']:,.1f} | {b['contacts_per_s']:.2f} "
             f"| {row['ratio']}× | {p['requests_per_s']:.1f} | {p['rate'] or '–'} | "
             f"{'–' if share is None else f'{share:.0%}'} | {p['max_batch']} | "
             f"{p['throttled']} | {row.get('bound', '–')} |"
