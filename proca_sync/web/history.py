@@ -13,6 +13,7 @@ One console process per account store: two would record interleaved samples.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -170,7 +171,8 @@ def _rate(now: float, before: float, seconds: float) -> float:
 class History:
     """The last hour of samples: a ring in memory, kept in ``web_samples`` across restarts.
 
-    Synchronous (call it from a thread); one writer at a time."""
+    Synchronous (the sampler records from a worker thread while pages read): the ring is
+    guarded by a lock; one writer at a time."""
 
     def __init__(
         self, url: str, *, window: float = WINDOW_SECONDS, interval: float = SAMPLE_SECONDS
@@ -179,6 +181,7 @@ class History:
         self.window = window
         self.interval = interval
         self._ring: deque[Sample] = deque(maxlen=int(window / interval * 1.5) + 10)
+        self._lock = threading.Lock()
 
     def open_sync(self, *, now: float | None = None) -> None:
         """Create the table on first use and load the samples of the last window.
@@ -195,9 +198,10 @@ class History:
                 ).all()
         except sa_exc.SQLAlchemyError as exc:
             raise ConfigError(f"web account store unusable ({type(exc).__name__})") from None
-        self._ring.clear()
-        for at, data in rows:
-            self._ring.append(Sample.from_json(float(at), data))
+        with self._lock:
+            self._ring.clear()
+            for at, data in rows:
+                self._ring.append(Sample.from_json(float(at), data))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -207,19 +211,22 @@ class History:
 
         Raises :class:`sqlalchemy.exc.SQLAlchemyError` when the store cannot be written
         (the sample stays in memory)."""
-        self._ring.append(sample)
         cutoff = sample.at - self.window
-        while self._ring and self._ring[0].at < cutoff:
-            self._ring.popleft()
+        with self._lock:
+            self._ring.append(sample)
+            while self._ring and self._ring[0].at < cutoff:
+                self._ring.popleft()
         with self.engine.begin() as conn:
             conn.execute(insert(web_samples).values(at=sample.at, data=sample.to_json()))
             conn.execute(delete(web_samples).where(web_samples.c.at < cutoff))
 
     def samples(self) -> list[Sample]:
-        return list(self._ring)
+        with self._lock:
+            return list(self._ring)
 
     def latest(self) -> Sample | None:
-        return self._ring[-1] if self._ring else None
+        with self._lock:
+            return self._ring[-1] if self._ring else None
 
     def rate(self) -> float | None:
         """Settled messages per second between the last two samples (None: unknown)."""
@@ -229,7 +236,7 @@ class History:
     def series(self) -> dict[str, Any]:
         """The charts' data: one time axis (epoch seconds) and a value (or None: a gap)
         per sample for each series; ``lag`` maps each destination to its series."""
-        samples = list(self._ring)
+        samples = self.samples()
         t: list[float] = []
         rate: list[float | None] = []
         outcomes: dict[str, list[float | None]] = {"acked": [], "retried": [], "parked": []}

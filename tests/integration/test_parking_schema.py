@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from proca_sync.consumer.parking import ParkingStore
 
 INDEXES = {"ix_parked_reason_at", "ix_parked_at"}
@@ -46,3 +48,25 @@ def test_an_older_store_gets_them_when_opened(tmp_path: Path) -> None:
             " ORDER BY parked_at DESC, id DESC LIMIT 50"
         ).fetchall()
     assert "ix_parked_reason_at" in str(plan) and "TEMP B-TREE" not in str(plan)
+
+
+@pytest.mark.postgres
+def test_postgres_store_gets_them_once(pg_url: str) -> None:
+    import psycopg
+
+    store = ParkingStore(pg_url)
+    store.open_sync()
+    with store.engine.begin() as conn:  # a store made before the indexes
+        for name in INDEXES:
+            conn.exec_driver_sql(f"DROP INDEX {name}")
+    store.engine.dispose()
+    for _ in range(2):
+        store = ParkingStore(pg_url)
+        store.open_sync()
+        store.engine.dispose()
+    schema = pg_url.rsplit("%3D", 1)[1]
+    with psycopg.connect(pg_url.split("?", 1)[0]) as conn:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,)
+        ).fetchall()
+    assert {str(name) for (name,) in rows} >= INDEXES
