@@ -396,11 +396,12 @@ def create_app(settings: WebSettings) -> FastAPI:
         return Sample(at=time.time(), reading=reading, lags=lags, error=error)
 
     async def sample_forever() -> None:
+        # Runs as long as the server: a failed sample is logged (its error type only) and
+        # the next one is taken on time; the charts show the gap.
         while True:
-            sample = await take_sample()
             try:
-                await run_in_threadpool(history.record, sample)
-            except sa_exc.SQLAlchemyError as exc:
+                await run_in_threadpool(history.record, await take_sample())
+            except Exception as exc:  # the sampler must outlive any one failure
                 log.warning(
                     "sample not stored", extra={"fields": {"error": type(exc).__name__}}
                 )

@@ -1,7 +1,8 @@
-"""The console in Debian's Chromium (Selenium, no browser download): the real
-``proca-sync web`` process, an account made by ``proca-sync web user add``, a login and
-the parked list. With PROCA_WEB_SCREENSHOTS=DIR it also saves each page as DIR/web-*.png
-(how docs/web-*.png are made)."""
+"""The console in Debian's Chromium (Selenium, no browser download) against the real
+``proca-sync web`` process: a login and the parked list; the dashboard following a real
+``proca-sync run`` on RabbitMQ; a parked message retried; a contact forgotten. With
+PROCA_WEB_SCREENSHOTS=DIR it also saves each page as DIR/web-*.png (how docs/web-*.png
+are made)."""
 
 from __future__ import annotations
 
@@ -165,6 +166,7 @@ class Browser:
 def chromium(base: str, tmp_path: Path) -> Iterator[Browser]:
     require_chromium()
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -174,9 +176,12 @@ def chromium(base: str, tmp_path: Path) -> Iterator[Browser]:
         options.add_argument(flag)
     profile = tmp_path / "chromium-profile"
     options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP reports, JS errors
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     try:
-        yield Browser(driver, base, WebDriverWait(driver, 20))
+        # htmx swaps the figures in place: an element found a moment ago may be gone.
+        wait = WebDriverWait(driver, 20, ignored_exceptions=[StaleElementReferenceException])
+        yield Browser(driver, base, wait)
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -209,7 +214,7 @@ def test_log_in_and_see_the_parked_list(
         metrics.settle(Outcome.PARK, 2)
         marker = driver.find_element(By.TAG_NAME, "h1")
         wait.until(ec.text_to_be_present_in_element((By.ID, "acked"), "41"))
-        assert driver.find_element(By.ID, "parked").text == "2"
+        wait.until(ec.text_to_be_present_in_element((By.ID, "parked"), "2"))
         assert marker.is_displayed()  # the same document: no reload
         driver.get(base + "/parked")
         rows = wait.until(
@@ -296,8 +301,7 @@ def test_the_dashboard_follows_a_running_consumer(tmp_path: Path) -> None:
             points = int(charts.get_attribute("data-points") or 0)
             wait.until(lambda _d: int(charts.get_attribute("data-points") or 0) > points)
             assert marker.is_displayed()  # the same document all along: no reload
-            lag = driver.find_element(By.ID, "lags").text
-            assert "brevo lag" in lag
+            wait.until(ec.text_to_be_present_in_element((By.ID, "lags"), "brevo lag"))
             assert driver.find_elements(By.CSS_SELECTOR, "#chart-rate canvas")
             assert driver.find_elements(By.CSS_SELECTOR, "#chart-lag canvas")
             rate = driver.execute_script(
@@ -306,6 +310,13 @@ def test_the_dashboard_follows_a_running_consumer(tmp_path: Path) -> None:
             )
             assert rate > 0
             browser.shot("dashboard")
+            # No script error and nothing refused by the Content-Security-Policy (uPlot's
+            # styles are set through the CSSOM, which the policy allows).
+            severe = [
+                e["message"] for e in driver.get_log("browser")
+                if e["level"] == "SEVERE" and "/favicon.ico" not in e["message"]
+            ]  # fmt: skip
+            assert severe == []
     finally:
         consumer.terminate()
         consumer.wait(15)
