@@ -100,9 +100,19 @@ def web_serve(
             "--metrics",
             envvar="PROCA_METRICS_URL",
             metavar="URL",
-            help="A running consumer's metrics, e.g. http://127.0.0.1:9100/metrics.",
+            help="Running consumers' metrics, e.g. http://127.0.0.1:9100/metrics "
+            "(several: comma-separated, summed).",
         ),
     ] = None,
+    sample_seconds: Annotated[
+        float,
+        typer.Option(
+            "--sample-seconds",
+            envvar="PROCA_WEB_SAMPLE_SECONDS",
+            min=0.1,
+            help="How often the dashboard's history reads the consumers and destinations.",
+        ),
+    ] = 5.0,
     users: UsersOption = DEFAULT_USERS_URL,
     keys: KeysOption = None,
     erasure_key: ErasureKeyOption = DEFAULT_ERASURE_KEY_FILE,
@@ -155,6 +165,7 @@ def web_serve(
         parked_url=parked,
         crm_url=crm,
         metrics_url=metrics,
+        sample_seconds=sample_seconds,
         pipeline_url=pipeline,
         pipeline_secrets=pipeline_secrets,
         keys=keys,

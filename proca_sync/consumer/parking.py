@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import (
     Column,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -67,6 +68,9 @@ parked_messages = Table(
     Column("parked_at", String(40), nullable=False),
     Column("times_parked", Integer, nullable=False, default=1),
     UniqueConstraint("queue", "digest", name="uq_parked_body"),
+    # The console's list: newest first, filtered by reason and/or a parked_at range.
+    Index("ix_parked_reason_at", "reason", "parked_at", "id"),
+    Index("ix_parked_at", "parked_at", "id"),
 )
 
 
@@ -156,6 +160,10 @@ class ParkingStore:
             with self._writes.begin() as conn:
                 lock_schema(conn)
                 metadata.create_all(conn, checkfirst=True)
+                # create_all adds indexes only with a new table: a store made before
+                # they existed gets them here (once; checkfirst skips present ones).
+                for index in parked_messages.indexes:
+                    index.create(conn, checkfirst=True)
         except sa_exc.SQLAlchemyError as exc:
             missing = missing_database(exc, what="parking store")
             if missing is not None:

@@ -10,6 +10,7 @@ effect at once. Log lines carry user names, ids and outcomes only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hmac
@@ -30,7 +31,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
@@ -55,6 +55,7 @@ from proca_sync.messages.decode import decode
 from proca_sync.sync.contacts import normalise_email
 from proca_sync.sync.model import Options
 from proca_sync.web.accounts import AccountStore, HashCost, LoginLimiter, Role, User
+from proca_sync.web.history import SAMPLE_SECONDS, History, Sample, read_consumers
 from proca_sync.web.moderation import add_moderation_routes
 
 __all__ = ["WebSettings", "create_app"]
@@ -82,6 +83,8 @@ class WebSettings:
     pipeline_secrets: Path | None = None
     keys: Path | None = None
     erasure_key: Path | None = None
+    sample_seconds: float = SAMPLE_SECONDS
+    """How often the dashboard's history reads the consumers and destinations."""
     page_size: int = 50
     session_hours: float = 12.0
     login_attempts: int = 5
@@ -132,7 +135,9 @@ def create_app(settings: WebSettings) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["utc"] = _utc
     stores: dict[str, Any] = {}
-    previous: dict[str, float] = {}
+    history = History(settings.accounts_url, interval=settings.sample_seconds)
+    history.open_sync()
+    metrics_urls = [u.strip() for u in (settings.metrics_url or "").split(",") if u.strip()]
 
     def parking() -> ParkingStore | None:
         if settings.parked_url is None:
@@ -224,7 +229,12 @@ def create_app(settings: WebSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sampler = asyncio.create_task(sample_forever(), name="dashboard-sampler")
         yield
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        history.close()
         accounts.close()
         for store in stores.values():
             store.engine.dispose()
@@ -358,51 +368,64 @@ def create_app(settings: WebSettings) -> FastAPI:
 
     # ---- dashboard --------------------------------------------------------------------
 
-    async def live_figures() -> dict[str, Any]:
-        figures: dict[str, Any] = {"source": settings.metrics_url, "error": None}
-        if settings.metrics_url is None:
-            figures["error"] = "no consumer metrics URL configured (--metrics)"
-            return figures
+    def destination_lags() -> dict[str, float]:
+        """Each destination's lag in seconds (0 when nothing is pending)."""
+        backend = crm()
+        if backend is None:
+            return {}
+        return {
+            name: LedgerState(backend, name).status().lag or 0.0
+            for name in registered(backend)
+        }
+
+    async def take_sample() -> Sample:
+        """Read the consumers and the destinations once (never raises)."""
+        reading, error = None, None
+        if metrics_urls:
+            try:
+                reading = await read_consumers(metrics_urls)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                error = f"consumer metrics unreachable ({type(exc).__name__})"
+        else:
+            error = "no consumer metrics URL configured (--metrics)"
         try:
-            timeout = aiohttp.ClientTimeout(total=3)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as client,
-                client.get(settings.metrics_url) as reply,
-            ):
-                reply.raise_for_status()
-                text = await reply.text()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            figures["error"] = f"consumer metrics unreachable ({type(exc).__name__})"
+            lags = await run_in_threadpool(destination_lags)
+        except (ProcaSyncError, sa_exc.SQLAlchemyError) as exc:
+            log.warning(
+                "destination lag unreadable", extra={"fields": {"error": type(exc).__name__}}
+            )
+            lags = {}
+        return Sample(at=time.time(), reading=reading, lags=lags, error=error)
+
+    async def sample_forever() -> None:
+        # Runs as long as the server: a failed sample is logged (its error type only) and
+        # the next one is taken on time; the charts show the gap.
+        while True:
+            try:
+                await run_in_threadpool(history.record, await take_sample())
+            except Exception as exc:  # the sampler must outlive any one failure
+                log.warning(
+                    "sample not stored", extra={"fields": {"error": type(exc).__name__}}
+                )
+            await asyncio.sleep(settings.sample_seconds)
+
+    def live_figures() -> dict[str, Any]:
+        latest = history.latest()
+        figures: dict[str, Any] = {"source": settings.metrics_url, "error": None, "lags": {}}
+        if latest is None:
+            figures["error"] = "waiting for the first reading"
             return figures
-        outcomes: dict[str, float] = {}
-        breaker = "?"
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "proca_sync_messages_total":
-                    outcome = sample.labels.get("outcome", "?")
-                    outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
-                elif sample.name == "proca_sync_queue_depth":
-                    figures["depth"] = int(sample.value)
-                elif sample.name == "proca_sync_in_flight":
-                    figures["in_flight"] = int(sample.value)
-                elif sample.name == "proca_sync_connected":
-                    figures["connected"] = bool(sample.value)
-                elif sample.name == "proca_sync_breaker_state" and sample.value == 1:
-                    breaker = sample.labels.get("state", "?")
-        total = sum(outcomes.values())
-        now = time.monotonic()
-        rate = None
-        if "at" in previous and now > previous["at"]:
-            rate = max(0.0, (total - previous["total"]) / (now - previous["at"]))
-        previous.update(at=now, total=total)
+        figures["lags"] = dict(latest.lags)
+        figures["read_at"] = dt.datetime.fromtimestamp(latest.at, dt.UTC).strftime("%H:%M:%S")
+        reading = latest.reading
+        if reading is None:
+            figures["error"] = latest.error
+            return figures
         figures.update(
-            acked=int(outcomes.get("ack", 0)),
-            retried=int(outcomes.get("retry", 0)),
-            parked=int(outcomes.get("park", 0)),
-            breaker=breaker,
-            rate=rate,
-            read_at=dt.datetime.now(dt.UTC).strftime("%H:%M:%S"),
-        )
+            acked=int(reading.acked), retried=int(reading.retried), parked=int(reading.parked),
+            breaker=reading.breaker, rate=history.rate(), depth=reading.depth,
+            in_flight=reading.in_flight, connected=reading.connected,
+        )  # fmt: skip
         return figures
 
     @app.get("/", response_class=HTMLResponse)
@@ -410,12 +433,18 @@ def create_app(settings: WebSettings) -> FastAPI:
         store = parking()
         by_reason = await run_in_threadpool(store.counts_by_reason) if store else {}
         return render(
-            request, "dashboard.html", live=await live_figures(), by_reason=by_reason
-        )
+            request, "dashboard.html", live=live_figures(), by_reason=by_reason,
+            sample_seconds=settings.sample_seconds,
+        )  # fmt: skip
 
     @app.get("/dashboard/live", response_class=HTMLResponse)
     async def dashboard_live(request: Request, user: User = viewer) -> Response:
-        return render(request, "_live.html", live=await live_figures())
+        return render(request, "_live.html", live=live_figures())
+
+    @app.get("/dashboard/history")
+    async def dashboard_history(request: Request, user: User = viewer) -> Response:
+        """The charts' data over the last hour (see :mod:`proca_sync.web.history`)."""
+        return Response(orjson.dumps(history.series()), media_type="application/json")
 
     # ---- parked messages --------------------------------------------------------------
 
@@ -446,7 +475,9 @@ def create_app(settings: WebSettings) -> FastAPI:
             rows = conn.execute(
                 select(*columns)
                 .where(*where)
-                .order_by(table.c.id.desc())
+                # Newest parked first: both filters and this order follow the indexes
+                # ix_parked_reason_at / ix_parked_at (reason, parked_at, id).
+                .order_by(table.c.parked_at.desc(), table.c.id.desc())
                 .limit(settings.page_size)
                 .offset((page - 1) * settings.page_size)
             ).all()

@@ -34,6 +34,7 @@ from tests.support.web import (
 ROUTES: dict[tuple[str, str], Role] = {
     ("GET", "/"): Role.VIEWER,
     ("GET", "/dashboard/live"): Role.VIEWER,
+    ("GET", "/dashboard/history"): Role.VIEWER,
     ("GET", "/parked"): Role.VIEWER,
     ("GET", "/parked/{parked_id}"): Role.VIEWER,
     ("POST", "/parked/{parked_id}/reveal"): Role.ADMIN,
@@ -295,19 +296,37 @@ def test_dashboard_reads_the_consumer_metrics(
     template: Console, tmp_path: Path, metrics: MetricsEndpoint
 ) -> None:
     console = copy_console(template, tmp_path, metrics_url=metrics.url)
-    with console.client() as client:
-        console.login(client, "vic")
-        assert 'id="acked">0<' in client.get("/dashboard/live").text
-        metrics.settle(Outcome.ACK, 3)
-        metrics.settle(Outcome.PARK, 1)
+
+    def live_until(client: TestClient, marker: str) -> str:
         deadline = time.monotonic() + 10
         while True:
             text = client.get("/dashboard/live").text
-            if 'id="acked">3<' in text or time.monotonic() > deadline:
-                break
+            if marker in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)  # sleep-ok: poll interval inside a deadline loop
+
+    with console.client() as client:
+        console.login(client, "vic")
+        assert 'id="acked">0<' in live_until(client, 'id="acked">0<')
+        metrics.settle(Outcome.ACK, 3)
+        metrics.settle(Outcome.PARK, 1)
+        text = live_until(client, 'id="acked">3<')
         assert 'id="acked">3<' in text
         assert 'id="parked">1<' in text
-        assert 'hx-get="/dashboard/live"' in client.get("/").text
+        page = client.get("/").text
+        assert 'hx-get="/dashboard/live"' in page
+        assert 'src="/static/uplot.min.js"' in page and 'id="chart-rate"' in page
+        history = client.get("/dashboard/history").json()
+        assert set(history) == {"t", "rate", "acked", "retried", "parked", "depth", "lag"}
+        assert max(r or 0 for r in history["rate"]) > 0
+        assert max(r or 0 for r in history["parked"]) > 0
+        seen = len(history["t"])
+    # A restarted console still draws what it sampled before (its own store keeps it).
+    with console.client() as client:
+        console.login(client, "vic")
+        again = client.get("/dashboard/history").json()
+        assert len(again["t"]) >= seen
+        assert max(r or 0 for r in again["rate"]) > 0
 
 
 def test_user_add_reads_the_password_from_the_environment(tmp_path: Path) -> None:

@@ -122,6 +122,7 @@ def make_console(tmp: Path, *, metrics_url: str | None = None) -> Console:
         metrics_url=metrics_url,
         erasure_key=tmp / "erasure.key",
         hash_cost=CHEAP,
+        sample_seconds=0.25,  # the dashboard's history moves within a test's patience
     )
     return Console(tmp, settings, ids, crm_url, parked_url)
 
