@@ -69,14 +69,27 @@ class PusherStats:
     contacts: int = 0
     actions: int = 0
     erasures: int = 0
+    retired: int = 0
+    """Addresses retired (a contact merged away, or its address changed)."""
     requests: int = 0
     parked: int = 0
     transient_failures: int = 0
     batches: int = 0
+    throttled: int = 0
+    """429 answers the destination's API gave (its connector's ``throttled``, if any)."""
     last_success: float | None = None
     pending: int = 0
+    oldest_pending: float | None = None
+    """When the oldest change not yet pushed was committed (``None``: caught up)."""
     breaker: str = "closed"
     holding: bool = False
+
+    @property
+    def lag(self) -> float:
+        """Seconds the oldest change not yet pushed has waited (0 when caught up)."""
+        if self.oldest_pending is None:
+            return 0.0
+        return max(0.0, time.time() - self.oldest_pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +133,11 @@ class Pusher:
         self.stats = PusherStats()
         self.progress: Callable[[PusherStats], None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"push-{self.name}")
+        # The next window is read on a thread of its own while the current one is pushed
+        # (its records and the lease renewals keep the first thread).
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plan-{self.name}")
+        self._ahead: asyncio.Task[Plan | None] | None = None
+        self._written: dict[ItemKey, str] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,6 +149,28 @@ class Pusher:
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _read(self, after: int | None) -> Plan | None:
+        """The plan of the window after the cursor (or after change ``after``)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._reader,
+            lambda: self.state.plan(
+                limit=self.window,
+                include_testing=self.include_testing,
+                erasure=self.destination.supports_erasure,
+                after=after,
+            ),
+        )
+
+    async def _drop_ahead(self) -> None:
+        """Forget the window read ahead (the current one did not complete)."""
+        ahead, self._ahead = self._ahead, None
+        self._written = {}
+        if ahead is not None:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ProcaSyncError):
+                await ahead
 
     def _on_commit(self) -> None:
         loop = self._loop
@@ -203,6 +243,7 @@ class Pusher:
         finally:
             with contextlib.suppress(ValueError):
                 self.backend.commit_hooks.remove(self._on_commit)
+            await self._drop_ahead()
             if renewer is not None:
                 renewer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -223,6 +264,7 @@ class Pusher:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     async def _acquire(self) -> bool:
         try:
@@ -247,44 +289,73 @@ class Pusher:
                 self.stats.holding = False
 
     async def _round(self) -> bool:
-        """One window; ``True`` when there was nothing left to push."""
-        plan: Plan | None = await self._db(
-            self.state.plan,
-            limit=self.window,
-            include_testing=self.include_testing,
-            erasure=self.destination.supports_erasure,
-        )
+        """One window; ``True`` when there was nothing left to push.
+
+        Bounded pipelining: while a window's batches are in flight, the next window is
+        read and coalesced (one window ahead, on the reader thread). The window read
+        ahead is used only once the current one is done and the cursor has moved past
+        it; what the current window wrote meanwhile is left out of it
+        (:meth:`Plan.without`), so nothing is sent twice. The windows' pushes never
+        overlap: the same contact is never in flight twice, and the cursor only moves
+        past windows whose every item is written or parked."""
+        try:
+            return await self._window()
+        except BaseException:
+            await self._drop_ahead()
+            raise
+
+    async def _window(self) -> bool:
+        ahead, self._ahead = self._ahead, None
+        plan = await ahead if ahead is not None else None
         if plan is None:
+            # Nothing was read ahead (or nothing was there then): look now.
+            plan = await self._read(None)
+        else:
+            plan.without(self._written)
+        self._written = {}
+        if plan is None:
+            self.stats.oldest_pending = None
             return True
-        self.stats.pending = await self._db(self.state.pending)
+        self.stats.oldest_pending = plan.first_at
+        self.stats.pending = plan.pending
         self._report()
+        self._ahead = asyncio.create_task(self._read(plan.last_seq), name=f"plan-{self.name}")
+        # The slots bound the requests in flight, not the recording of their outcome:
+        # a batch's record in the ledger does not hold back the next batch's request.
         slots = asyncio.Semaphore(self.concurrency)
-
-        async def one(batch: Batch) -> bool:
-            async with slots:
-                return await self._push(batch, plan)
-
-        # Batches of one window hold distinct contacts: they may be in flight together.
-        done = await asyncio.gather(*(one(b) for b in plan.batches(self.batch_size)))
-        if self._lease_lost:
-            raise LeaseLostError("lease lost")
-        if not all(done):
-            return False  # stopped or out of time: the cursor stays
-        await self._db(self.state.advance, self.owner, plan.last_seq)
+        for phase in plan.phases(self.batch_size):
+            # Batches of one phase hold distinct contacts: they may be in flight together.
+            done = await asyncio.gather(*(self._push(b, plan, slots) for b in phase))
+            if self._lease_lost:
+                raise LeaseLostError("lease lost")
+            if not all(done):
+                await self._drop_ahead()
+                return False  # stopped or out of time: the cursor stays
+        await self._db(
+            self.state.advance,
+            self.owner,
+            plan.last_seq,
+            forgotten=plan.forgotten,
+            projections=plan.projections,
+        )
         return False
 
-    async def _push(self, batch: Batch, plan: Plan) -> bool:
+    async def _push(self, batch: Batch, plan: Plan, slots: asyncio.Semaphore) -> bool:
         """Push one batch until every item is written or parked; ``False`` if stopped."""
         remaining: Batch | None = batch
         while remaining is not None:
             if self._expired() or self._lease_lost:
                 return False
             try:
-                report = await self.destination.push(remaining)
+                async with slots:
+                    if self._expired() or self._lease_lost:
+                        return False
+                    report = await self.destination.push(remaining)
             except ConfigError:
                 raise
             except TransientError as exc:
                 self.stats.transient_failures += 1
+                self.stats.throttled = int(getattr(self.destination, "throttled", 0))
                 log.warning(
                     "destination %s: push failed (%s), retrying", self.name, type(exc).__name__,
                     extra={"fields": {"event": "push_retry", "destination": self.name}},
@@ -300,6 +371,7 @@ class Pusher:
                 return True
             self.stats.requests += report.requests
             self.stats.batches += 1
+            self.stats.throttled = int(getattr(self.destination, "throttled", 0))
             retry = await self._settle(remaining, plan, report.failed)
             self.breaker.record_success()
             self.stats.breaker = str(self.breaker.state)
@@ -332,10 +404,18 @@ class Pusher:
                 after = getattr(error, "retry_after", None)
                 if after is not None:
                     retry_after = max(retry_after or 0.0, after)
-        await self._db(self.state.record, self.owner, done, parked)
+        addresses = {
+            key[1]: plan.addresses[key[1]]
+            for key in done
+            if key[0] == "contact" and key[1] in plan.addresses
+        }
+        await self._db(self.state.record, self.owner, done, parked, addresses)
+        for key in [*done, *parked]:
+            self._written[key] = plan.digests[key][1]
         self.stats.contacts += sum(1 for k in done if k[0] == "contact")
         self.stats.actions += sum(1 for k in done if k[0] == "action")
         self.stats.erasures += sum(1 for k in done if k[0] == "erasure")
+        self.stats.retired += sum(1 for k in done if k[0] == "retired")
         self.stats.parked += len(parked)
         for key, (_version, code, _message) in parked.items():
             log.warning(
@@ -463,9 +543,18 @@ class PusherCollector:
             "proca_sync_destination_last_success_seconds", "Unix time of the last success",
             labels=["destination"],
         )
+        throttled = CounterMetricFamily(
+            "proca_sync_destination_throttled", "429 answers from a destination's API",
+            labels=["destination"],
+        )
+        lag = GaugeMetricFamily(
+            "proca_sync_destination_lag_seconds",
+            "Seconds the oldest change not yet pushed has waited (0 when caught up)",
+            labels=["destination"],
+        )
         for pusher in self.pushers:
             name, stats = pusher.name, pusher.stats
-            for kind in ("contacts", "actions", "erasures"):
+            for kind in ("contacts", "actions", "erasures", "retired"):
                 items.add_metric([name, kind], getattr(stats, kind))
             requests.add_metric([name], stats.requests)
             parked.add_metric([name], stats.parked)
@@ -473,7 +562,9 @@ class PusherCollector:
             pending.add_metric([name], stats.pending)
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
             last.add_metric([name], stats.last_success or 0)
-        yield from (items, requests, parked, failures, pending, breaker, last)
+            throttled.add_metric([name], stats.throttled)
+            lag.add_metric([name], stats.lag)
+        yield from (items, requests, parked, failures, pending, breaker, last, throttled, lag)
 
 
 def status_line(pushers: Sequence[Pusher]) -> str:

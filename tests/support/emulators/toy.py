@@ -26,6 +26,7 @@ from aiohttp import web
 
 from proca_sync.destinations.base import (
     Batch,
+    CampaignView,
     DestinationConfig,
     DestinationRejectedError,
     PushReport,
@@ -63,6 +64,10 @@ class ToyDestination:
             max_backoff=2.0,
         )
 
+    @property
+    def throttled(self) -> int:
+        return self.client.stats.throttled
+
     async def open(self) -> None:
         await self.client.open()
 
@@ -95,6 +100,11 @@ class ToyDestination:
                             "postcode": c.postcode,
                             "country": c.country,
                             "subscription": c.subscription,
+                            # Campaign data projected on the contact (a campaign update
+                            # re-pushes the campaign's contacts).
+                            "tags": sorted(
+                                {_title(batch.campaigns.get(n), n) for n in c.campaigns}
+                            ),
                         }
                         for c in batch.contacts
                     ]
@@ -180,7 +190,9 @@ class ToyEmulator(Emulator):
                 results.append({"email": email, "status": "error", "code": "invalid_email"})
                 continue
             stored = self.contacts.get(email)
-            record = {k: item[k] for k in ("firstName", "lastName", "postcode", "country")}
+            record = {
+                k: item[k] for k in ("firstName", "lastName", "postcode", "country", "tags")
+            }
             subscription = item["subscription"]
             if subscription == "not_opted_in" and stored is not None:
                 subscription = stored["subscription"]
@@ -236,6 +248,7 @@ class ToyDriver(Driver):
 
     def expected(self, export: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         include_testing = bool(config.get("include_testing"))
+        titles = {c["name"]: c["title"] or c["name"] for c in export["campaigns"]}
         contacts: dict[str, dict[str, Any]] = {}
         activities: dict[str, dict[str, Any]] = {}
         for contact in export["contacts"]:
@@ -247,6 +260,9 @@ class ToyDriver(Driver):
                 "postcode": contact["postcode"],
                 "country": contact["country"],
                 "subscription": subscription(contact),
+                "tags": sorted(
+                    {titles.get(a["campaign"], a["campaign"]) for a in contact["actions"]}
+                ),
             }
             for action in contact["actions"]:
                 if action["testing"] and not include_testing:
@@ -256,6 +272,10 @@ class ToyDriver(Driver):
                     "campaign": action["campaign"],
                 }
         return {"contacts": contacts, "activities": activities}
+
+
+def _title(campaign: CampaignView | None, name: str) -> str:
+    return (campaign.title if campaign is not None else None) or name
 
 
 def subscription(contact: dict[str, Any]) -> str:
