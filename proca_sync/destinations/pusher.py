@@ -138,6 +138,8 @@ class Pusher:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plan-{self.name}")
         self._ahead: asyncio.Task[Plan | None] | None = None
         self._written: dict[ItemKey, str] = {}
+        self._parked_in_window = False
+        self._touched: set[int] = set()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,8 +152,11 @@ class Pusher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def _read(self, after: int | None) -> Plan | None:
-        """The plan of the window after the cursor (or after change ``after``)."""
+    async def _read(
+        self, after: int | None, assumed: dict[tuple[str, str], str | None] | None = None
+    ) -> Plan | None:
+        """The plan of the window after the cursor (or after change ``after``, taking
+        the ``assumed`` records as written)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._reader,
@@ -160,6 +165,7 @@ class Pusher:
                 include_testing=self.include_testing,
                 erasure=self.destination.supports_erasure,
                 after=after,
+                assumed=assumed,
             ),
         )
 
@@ -294,8 +300,11 @@ class Pusher:
         Bounded pipelining: while a window's batches are in flight, the next window is
         read and coalesced (one window ahead, on the reader thread). The window read
         ahead is used only once the current one is done and the cursor has moved past
-        it; what the current window wrote meanwhile is left out of it
-        (:meth:`Plan.without`), so nothing is sent twice. The windows' pushes never
+        it. It is read taking as written what the current window will record
+        (:meth:`Plan.assumptions`: addresses, retirements, campaign projections), and
+        what the current window wrote meanwhile is left out of it (:meth:`Plan.without`),
+        so nothing is sent twice; if the current window parked something of a contact
+        the next one names, the next one is read again. The windows' pushes never
         overlap: the same contact is never in flight twice, and the cursor only moves
         past windows whose every item is written or parked."""
         try:
@@ -307,19 +316,27 @@ class Pusher:
     async def _window(self) -> bool:
         ahead, self._ahead = self._ahead, None
         plan = await ahead if ahead is not None else None
+        if plan is not None and self._parked_in_window and plan.touched & self._touched:
+            # The window read ahead assumed the previous one written whole; it parked
+            # items of contacts this one names: read it again.
+            plan = None
         if plan is None:
-            # Nothing was read ahead (or nothing was there then): look now.
+            # Nothing was read ahead (or nothing was there then, or it is stale): look now.
             plan = await self._read(None)
         else:
             plan.without(self._written)
         self._written = {}
+        self._parked_in_window = False
+        self._touched = set() if plan is None else plan.touched
         if plan is None:
             self.stats.oldest_pending = None
             return True
         self.stats.oldest_pending = plan.first_at
         self.stats.pending = plan.pending
         self._report()
-        self._ahead = asyncio.create_task(self._read(plan.last_seq), name=f"plan-{self.name}")
+        self._ahead = asyncio.create_task(
+            self._read(plan.last_seq, plan.assumptions()), name=f"plan-{self.name}"
+        )
         # The slots bound the requests in flight, not the recording of their outcome:
         # a batch's record in the ledger does not hold back the next batch's request.
         slots = asyncio.Semaphore(self.concurrency)
@@ -412,6 +429,8 @@ class Pusher:
         await self._db(self.state.record, self.owner, done, parked, addresses)
         for key in [*done, *parked]:
             self._written[key] = plan.digests[key][1]
+        if parked:
+            self._parked_in_window = True
         self.stats.contacts += sum(1 for k in done if k[0] == "contact")
         self.stats.actions += sum(1 for k in done if k[0] == "action")
         self.stats.erasures += sum(1 for k in done if k[0] == "erasure")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,27 @@ class Plan:
     """When the window's oldest change was committed (for the lag)."""
     pending: int = 0
     """Changes after the cursor (or after ``after``) when the plan was read."""
+    touched: set[int] = field(default_factory=set)
+    """Every ledger contact id the window's changes led to (merged-away ones included)."""
+    assumed: Mapping[tuple[str, str], str | None] = field(default_factory=dict)
+    """Records taken as written though the ledger does not hold them yet (``None``:
+    taken as gone): what the window being pushed will record, when this plan is read
+    ahead of it (:meth:`assumptions`)."""
+
+    def assumptions(self) -> dict[tuple[str, str], str | None]:
+        """What this window records once every item is written: its contacts'
+        addresses, the retired contacts' records gone, its campaigns' projections (for
+        the plan of the next window, read while this one is pushed). Contact and action
+        digests are not assumed: :meth:`without` drops what was actually written."""
+        assumed: dict[tuple[str, str], str | None] = {}
+        for ident in [str(r.tombstone_id) for r in self.retirements] + self.forgotten:
+            assumed[("address", ident)] = None
+            assumed[("contact", ident)] = None
+        for ident, (_version, value) in self.addresses.items():
+            assumed[("address", ident)] = value
+        for name, value in self.projections.items():
+            assumed[("campaign", name)] = value
+        return assumed
 
     def phases(self, size: int) -> list[list[Batch]]:
         """The window's batches in the order they must go: the retirements first (an
@@ -335,7 +356,13 @@ class LedgerState:
         )
 
     def plan(
-        self, *, limit: int, include_testing: bool, erasure: bool, after: int | None = None
+        self,
+        *,
+        limit: int,
+        include_testing: bool,
+        erasure: bool,
+        after: int | None = None,
+        assumed: Mapping[tuple[str, str], str | None] | None = None,
     ) -> Plan | None:
         """What the destination lacks of the next ``limit`` changes after its cursor (or
         after change ``after``); ``None`` when there are none. Contacts not admitted,
@@ -344,7 +371,8 @@ class LedgerState:
         too. With ``erasure``, the plan also holds the erasures, and the retirements:
         the address a contact was pushed under when that contact was merged away or its
         address changed (unless the address is the merged contact's own). A changed
-        campaign the destination had already received offers its contacts again."""
+        campaign the destination had already received offers its contacts again.
+        ``assumed`` records are taken as written (see :attr:`Plan.assumed`)."""
         with self._connect() as conn:
             cursor = self._cursor(conn) if after is None else after
             rows = conn.execute(
@@ -359,6 +387,7 @@ class LedgerState:
                 last_seq=int(rows[-1].seq),
                 first_at=float(rows[0].at),
                 pending=self._pending(conn, cursor),
+                assumed=assumed or {},
             )
             contact_seq: dict[int, int] = {}
             action_seq: dict[int, int] = {}
@@ -395,9 +424,10 @@ class LedgerState:
             rehome: set[int] = set()
             retiring: dict[int, tuple[int, int, str]] = {}  # other → (seq, survivor, hash)
             if erasure and (merged or retired):
-                retiring = self._merged(conn, merged, retired, contact_seq)
+                retiring = self._merged(conn, plan, merged, retired, contact_seq)
                 for _seq, survivor, _hash in retiring.values():
                     rehome.add(survivor)
+            plan.touched = set(contact_seq) | set(merged) | set(retired)
             self._load_contacts(
                 conn, plan, contact_seq, action_seq, include_testing,
                 retiring=retiring, rehome=rehome, forced=forced, retire=erasure,
@@ -417,7 +447,7 @@ class LedgerState:
         external id) differs from the one last pushed; a campaign the destination never
         had goes out with its contacts' own changes."""
         names = sorted(campaign_seq)
-        known = self._known(conn, "campaign", names)
+        known = self._known(conn, "campaign", names, plan)
         changed: list[str] = []
         for chunk in _chunks(names):
             for row in conn.execute(select(campaigns).where(campaigns.c.name.in_(chunk))):
@@ -437,6 +467,7 @@ class LedgerState:
     def _merged(
         self,
         conn: Connection,
+        plan: Plan,
         merged: dict[int, tuple[int, int]],
         retired: dict[int, int],
         contact_seq: dict[int, int],
@@ -445,7 +476,7 @@ class LedgerState:
         number, the contact they live on in, that address's hash). Their survivors join
         the plan."""
         ids = sorted(set(merged) | set(retired))
-        known = self._known(conn, "address", [str(i) for i in ids])
+        known = self._known(conn, "address", [str(i) for i in ids], plan)
         out: dict[int, tuple[int, int, str]] = {}
         for other in ids:
             value = known.get(str(other))
@@ -474,7 +505,10 @@ class LedgerState:
             cid = int(str(entity).partition(":")[2])
         return None
 
-    def _known(self, conn: Connection, kind: str, entities: Sequence[str]) -> dict[str, str]:
+    def _known(
+        self, conn: Connection, kind: str, entities: Sequence[str], plan: Plan
+    ) -> dict[str, str]:
+        """The digests last written of these entities (with what ``plan`` assumes)."""
         known: dict[str, str] = {}
         for chunk in _chunks(entities):
             for entity, value in conn.execute(
@@ -485,6 +519,14 @@ class LedgerState:
                 )
             ):
                 known[entity] = value
+        if plan.assumed:
+            for entity in entities:
+                if (kind, entity) in plan.assumed:
+                    value = plan.assumed[(kind, entity)]
+                    if value is None:
+                        known.pop(entity, None)
+                    else:
+                        known[entity] = value
         return known
 
     def _load_contacts(
@@ -522,8 +564,8 @@ class LedgerState:
             and rows[cid].email
             and (include_testing or rows[cid].real)
         ]
-        known_contacts = self._known(conn, "contact", [str(c) for c in eligible])
-        known_addresses = self._known(conn, "address", [str(c) for c in eligible])
+        known_contacts = self._known(conn, "contact", [str(c) for c in eligible], plan)
+        known_addresses = self._known(conn, "address", [str(c) for c in eligible], plan)
         pushable = set(eligible)
         retired: set[str] = set()
 
@@ -550,7 +592,7 @@ class LedgerState:
                 if pushed is not None and pushed != address(rows[cid].email):
                     retirement(cid, contact_seq[cid], pushed, cid)
         action_ids = [str(a.action_id) for c in eligible for a in acts.get(c, [])]
-        known_actions = self._known(conn, "action", action_ids)
+        known_actions = self._known(conn, "action", action_ids, plan)
         names: set[str] = set()
         for cid in eligible:
             row = rows[cid]
@@ -612,7 +654,7 @@ class LedgerState:
 
     def _load_erasures(self, conn: Connection, plan: Plan, erasure_seq: dict[int, int]) -> None:
         ids = sorted(erasure_seq)
-        known = self._known(conn, "erasure", [str(i) for i in ids])
+        known = self._known(conn, "erasure", [str(i) for i in ids], plan)
         for chunk in _chunks(ids):
             for row in conn.execute(select(tombstones).where(tombstones.c.id.in_(chunk))):
                 if row.email is None or str(row.id) in known:

@@ -4,6 +4,8 @@ no person)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -209,3 +211,43 @@ async def test_the_metrics_move_as_a_push_runs_and_name_no_person(
     assert len(personal) == 3 * people
     for served in texts:
         assert not [p for p in personal if p in served]
+
+
+# ---- the window read ahead -----------------------------------------------------------------
+
+
+async def test_a_merge_committed_while_a_window_is_pushed_is_retired_by_the_next(
+    tmp_path: Path, toy: ToyEmulator
+) -> None:
+    """The next window is read while the current one is pushed: a merge committed in
+    between names a contact the current window is writing (its address not yet in the
+    ledger). The window read ahead must still retire that contact's address."""
+    url = f"sqlite:///{tmp_path / 'crm.db'}"
+    first, second = "ahead.first@example.org", "ahead.second@example.org"
+    await replay(url, [
+        dumps(action(9_600_001, ref=ref(1), email=first, created="2025-01-02T10:00:00Z")),
+        dumps(action(9_600_002, ref=ref(2), email=second, created="2025-01-01T10:00:00Z")),
+    ])
+    merge = dumps(action(9_600_003, ref=ref(1), email=second, created="2024-06-01T10:00:00Z"))
+    backend = SqlBackend(url)
+    pusher = Pusher(backend, destination_from_config("toy", config(toy)))
+    merged: list[bool] = []
+
+    def progress(_stats: Any) -> None:
+        # Called once the first window is read, before its batches go out and before the
+        # next window is read: the merge commits in between (from another thread, as a
+        # consumer would).
+        if not merged:
+            merged.append(True)
+            worker = threading.Thread(target=lambda: asyncio.run(replay(url, [merge])))
+            worker.start()
+            worker.join()
+
+    pusher.progress = progress
+    result = await push(url, toy, pusher)
+    assert merged and result.caught_up and result.parked == 0
+    assert result.stats.retired == 1
+    data = export(url)
+    assert [c["email"] for c in data["contacts"]] == [first]
+    assert set(toy.contacts) == {first}
+    assert DRIVER.snapshot(toy) == DRIVER.expected(data, {})
