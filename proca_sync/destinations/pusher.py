@@ -56,6 +56,8 @@ DEFAULT_LEASE_TTL = 15.0
 """Seconds a lease lasts without renewal: the longest a dead pusher blocks another."""
 DEFAULT_WINDOW = 5_000
 """Changes read per round."""
+FIRST_WINDOW_SHARE = 10
+"""A window read when nothing was read ahead holds this share of ``window`` changes."""
 IDLE_POLL = 1.0
 """Seconds between looks at the change log while following without a commit signal."""
 
@@ -75,6 +77,8 @@ class PusherStats:
     parked: int = 0
     transient_failures: int = 0
     batches: int = 0
+    overlapped: int = 0
+    """Batches started while the window before theirs was still in flight."""
     throttled: int = 0
     """429 answers the destination's API gave (its connector's ``throttled``, if any)."""
     last_success: float | None = None
@@ -138,8 +142,15 @@ class Pusher:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plan-{self.name}")
         self._ahead: asyncio.Task[Plan | None] | None = None
         self._written: dict[ItemKey, str] = {}
-        self._parked_in_window = False
-        self._touched: set[int] = set()
+        self._current: Plan | None = None
+        # The next window once read, and the tasks pushing its early batches (below).
+        self._next: Plan | None = None
+        self._early: list[asyncio.Task[bool]] = []
+        # The slots bound the requests in flight, not the recording of their outcome: a
+        # batch's record in the ledger does not hold back the next batch's request.
+        self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run()
+        self._queued = 0
+        """Batches waiting for a slot."""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,7 +164,11 @@ class Pusher:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     async def _read(
-        self, after: int | None, assumed: dict[tuple[str, str], str | None] | None = None
+        self,
+        after: int | None,
+        assumed: dict[tuple[str, str], str | None] | None = None,
+        *,
+        limit: int | None = None,
     ) -> Plan | None:
         """The plan of the window after the cursor (or after change ``after``, taking
         the ``assumed`` records as written)."""
@@ -161,7 +176,7 @@ class Pusher:
         return await loop.run_in_executor(
             self._reader,
             lambda: self.state.plan(
-                limit=self.window,
+                limit=limit or self.window,
                 include_testing=self.include_testing,
                 erasure=self.destination.supports_erasure,
                 after=after,
@@ -170,13 +185,17 @@ class Pusher:
         )
 
     async def _drop_ahead(self) -> None:
-        """Forget the window read ahead (the current one did not complete)."""
+        """Forget the window read ahead and stop its early batches (the current one did
+        not complete). What they wrote is recorded; the rest is offered again later."""
         ahead, self._ahead = self._ahead, None
+        early, self._early = self._early, []
+        self._next = None
         self._written = {}
-        if ahead is not None:
-            ahead.cancel()
+        for task in [t for t in (ahead, *early) if t is not None]:
+            task.cancel()
+        for task in [t for t in (ahead, *early) if t is not None]:
             with contextlib.suppress(asyncio.CancelledError, ProcaSyncError):
-                await ahead
+                await task
 
     def _on_commit(self) -> None:
         loop = self._loop
@@ -213,6 +232,8 @@ class Pusher:
         at most ``within`` seconds. Raises :class:`ConfigError` when the destination's
         configuration is refused; every other failure is retried or parked."""
         self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._current = None
         self._deadline = None if within is None else time.monotonic() + within
         self.backend.commit_hooks.append(self._on_commit)
         renewer: asyncio.Task[None] | None = None
@@ -298,15 +319,15 @@ class Pusher:
         """One window; ``True`` when there was nothing left to push.
 
         Bounded pipelining: while a window's batches are in flight, the next window is
-        read and coalesced (one window ahead, on the reader thread). The window read
-        ahead is used only once the current one is done and the cursor has moved past
-        it. It is read taking as written what the current window will record
-        (:meth:`Plan.assumptions`: addresses, retirements, campaign projections), and
-        what the current window wrote meanwhile is left out of it (:meth:`Plan.without`),
-        so nothing is sent twice; if the current window parked something of a contact
-        the next one names, the next one is read again. The windows' pushes never
-        overlap: the same contact is never in flight twice, and the cursor only moves
-        past windows whose every item is written or parked."""
+        read and coalesced (one window ahead, on the reader thread), taking as written
+        what the current window will record (:meth:`Plan.assumptions`: addresses,
+        retirements, campaign projections). Once every batch of the current window has
+        a request slot, the next window's batches of contacts the current one does not
+        name start (:meth:`_overlap`); the rest of it waits until the current window is
+        done, less what that wrote meanwhile (:meth:`Plan.without`), so nothing is sent
+        twice. If the current window parked something of a contact the next one names,
+        the next one is read again. The same contact is never in flight twice, and the
+        cursor only moves past windows whose every item is written or parked."""
         try:
             return await self._window()
         except BaseException:
@@ -314,20 +335,33 @@ class Pusher:
             raise
 
     async def _window(self) -> bool:
-        ahead, self._ahead = self._ahead, None
-        plan = await ahead if ahead is not None else None
-        if plan is not None and self._parked_in_window and plan.touched & self._touched:
+        previous = self._current
+        plan, self._next = self._next, None
+        early, self._early = self._early, []
+        if plan is None and self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            plan = await ahead
+        if (
+            plan is not None
+            and previous is not None
+            and previous.parked
+            and plan.touched & previous.touched
+        ):
             # The window read ahead assumed the previous one written whole; it parked
-            # items of contacts this one names: read it again.
-            plan = None
+            # items of contacts this one names: read it again (once its early batches,
+            # of other contacts, are done).
+            if not all(await asyncio.gather(*early)):
+                return False
+            early, plan = [], None
         if plan is None:
-            # Nothing was read ahead (or nothing was there then, or it is stale): look now.
-            plan = await self._read(None)
+            # Nothing was read ahead (or nothing was there then, or it is stale): look
+            # now, at a small window, so that the first requests leave early; the
+            # windows read ahead meanwhile are full.
+            plan = await self._read(None, limit=max(1, self.window // FIRST_WINDOW_SHARE))
         else:
             plan.without(self._written)
         self._written = {}
-        self._parked_in_window = False
-        self._touched = set() if plan is None else plan.touched
+        self._current = plan
         if plan is None:
             self.stats.oldest_pending = None
             return True
@@ -337,17 +371,28 @@ class Pusher:
         self._ahead = asyncio.create_task(
             self._read(plan.last_seq, plan.assumptions()), name=f"plan-{self.name}"
         )
-        # The slots bound the requests in flight, not the recording of their outcome:
-        # a batch's record in the ledger does not hold back the next batch's request.
-        slots = asyncio.Semaphore(self.concurrency)
-        for phase in plan.phases(self.batch_size):
+        phases = plan.phases(self.batch_size)
+        for n, phase in enumerate(phases):
             # Batches of one phase hold distinct contacts: they may be in flight together.
-            done = await asyncio.gather(*(self._push(b, plan, slots) for b in phase))
+            tasks = [asyncio.create_task(self._push(b, plan)) for b in phase]
+            try:
+                if n == len(phases) - 1:
+                    await self._overlap(plan, tasks)
+                done = await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             if self._lease_lost:
                 raise LeaseLostError("lease lost")
             if not all(done):
+                await asyncio.gather(*early, return_exceptions=True)
                 await self._drop_ahead()
                 return False  # stopped or out of time: the cursor stays
+        if not all(await asyncio.gather(*early)):
+            await self._drop_ahead()
+            return False
         await self._db(
             self.state.advance,
             self.owner,
@@ -357,17 +402,56 @@ class Pusher:
         )
         return False
 
-    async def _push(self, batch: Batch, plan: Plan, slots: asyncio.Semaphore) -> bool:
+    async def _overlap(self, plan: Plan, tasks: list[asyncio.Task[bool]]) -> None:
+        """While the last batches of ``plan`` are in flight, start the next window's
+        batches of contacts ``plan`` does not name, once every batch of ``plan`` has a
+        slot and the next window is read: the request slots do not idle at the end of a
+        window. The next window's other contacts, its erasures, and all of it when it
+        retires addresses, wait for ``plan`` to be done. Its cursor moves only after
+        this one's."""
+        await asyncio.sleep(0)  # sleep-ok: let the batches queue for their slots first
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        while True:
+            pending = {t for t in pending if not t.done()}
+            if not pending:
+                return
+            ahead = self._ahead
+            if ahead is not None and ahead.done() and self._queued == 0:
+                self._ahead = None
+                following = ahead.result()
+                if following is None:
+                    return
+                self._next = following
+                if not following.retirements:
+                    batches = following.take(plan.touched, self.batch_size)
+                    self._early = [
+                        asyncio.create_task(self._push(b, following)) for b in batches
+                    ]
+                    self.stats.overlapped += len(batches)
+                return
+            waiting: set[asyncio.Future[Any]] = set(pending)
+            if ahead is not None and not ahead.done():
+                waiting.add(ahead)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _push(self, batch: Batch, plan: Plan) -> bool:
         """Push one batch until every item is written or parked; ``False`` if stopped."""
         remaining: Batch | None = batch
         while remaining is not None:
             if self._expired() or self._lease_lost:
                 return False
             try:
-                async with slots:
+                self._queued += 1
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._queued -= 1
+                try:
                     if self._expired() or self._lease_lost:
                         return False
                     report = await self.destination.push(remaining)
+                finally:
+                    self._slots.release()
             except ConfigError:
                 raise
             except TransientError as exc:
@@ -430,7 +514,7 @@ class Pusher:
         for key in [*done, *parked]:
             self._written[key] = plan.digests[key][1]
         if parked:
-            self._parked_in_window = True
+            plan.parked = True
         self.stats.contacts += sum(1 for k in done if k[0] == "contact")
         self.stats.actions += sum(1 for k in done if k[0] == "action")
         self.stats.erasures += sum(1 for k in done if k[0] == "erasure")

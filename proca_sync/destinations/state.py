@@ -113,6 +113,8 @@ class Plan:
     """Changes after the cursor (or after ``after``) when the plan was read."""
     touched: set[int] = field(default_factory=set)
     """Every ledger contact id the window's changes led to (merged-away ones included)."""
+    parked: bool = False
+    """Something of this window was parked (set by the pusher)."""
     assumed: Mapping[tuple[str, str], str | None] = field(default_factory=dict)
     """Records taken as written though the ledger does not hold them yet (``None``:
     taken as gone): what the window being pushed will record, when this plan is read
@@ -158,6 +160,20 @@ class Plan:
             )
         for start in range(0, len(self.erasures), size):
             yield Batch(erasures=self.erasures[start : start + size])
+
+    def take(self, busy: set[int], size: int) -> list[Batch]:
+        """Take out of the plan the batches of the contacts not in ``busy`` (with their
+        actions), to push early; the plan keeps the rest (and its erasures)."""
+        free = [c for c in self.contacts if c.contact_id not in busy]
+        if not free:
+            return []
+        self.contacts = [c for c in self.contacts if c.contact_id in busy]
+        taken = Plan(last_seq=self.last_seq, contacts=free, campaigns=self.campaigns)
+        for contact in free:
+            acts = self.actions.pop(contact.contact_id, None)
+            if acts:
+                taken.actions[contact.contact_id] = acts
+        return list(taken.batches(size))
 
     def without(self, written: dict[ItemKey, str]) -> None:
         """Leave out what an earlier window wrote since this plan was read (the plan of

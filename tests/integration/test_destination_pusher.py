@@ -251,3 +251,35 @@ async def test_a_merge_committed_while_a_window_is_pushed_is_retired_by_the_next
     assert [c["email"] for c in data["contacts"]] == [first]
     assert set(toy.contacts) == {first}
     assert DRIVER.snapshot(toy) == DRIVER.expected(data, {})
+
+
+async def test_windows_overlap_without_a_contact_in_two_requests_at_once(
+    tmp_path: Path, toy: ToyEmulator
+) -> None:
+    """Small windows, people acting again across them: the next window's batches of
+    other people start while the current window's last requests are in flight; nobody
+    is ever in two requests at once, and the end state is the ledger's."""
+    url = f"sqlite:///{tmp_path / 'crm.db'}"
+    people = 60
+    bodies = [
+        dumps(action(9_700_000 + round_ * people + n, ref=ref(n), email=f"p{n}@example.org",
+                     created=f"2025-04-{1 + round_:02d}T10:00:00Z",
+                     campaign=f"camp_{round_ % 2}"))
+        for round_ in range(3)
+        for n in range(people)
+    ]
+    for start in range(0, len(bodies), 30):
+        await replay(url, bodies[start : start + 30])  # commits that interleave people
+    toy.hold = 0.02
+    backend = SqlBackend(url)
+    pusher = Pusher(
+        backend,
+        destination_from_config("toy", {**config(toy), "batch_size": 5}),
+        window=60,
+    )
+    result = await push(url, toy, pusher)
+    assert result.caught_up and result.parked == 0
+    assert result.stats.overlapped > 0, "no window started early"
+    assert toy.overlaps == 0
+    assert DRIVER.snapshot(toy) == DRIVER.expected(export(url), {})
+    assert max(toy.created.values()) == 1

@@ -19,6 +19,7 @@ The API, as a vendor would document it:
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any, ClassVar, Literal
 
@@ -166,6 +167,23 @@ class ToyEmulator(Emulator):
         self.refused: set[str] = set()
         self.erased = 0
         self._activity_email: dict[str, str] = {}
+        self.hold = 0.0
+        """Seconds a contacts or activities request holds its e-mails before answering."""
+        self.busy: Counter[str] = Counter()
+        self.overlaps = 0
+        """Requests that named an e-mail another request in flight named."""
+
+    async def _holding(self, emails: set[str]) -> None:
+        """Hold ``emails`` for :attr:`hold` seconds, counting overlaps with other requests."""
+        if not self.hold:
+            return
+        if any(self.busy[e] for e in emails):
+            self.overlaps += 1
+        self.busy.update(emails)
+        try:
+            await asyncio.sleep(self.hold)  # sleep-ok: the request's time in flight
+        finally:
+            self.busy.subtract(emails)
 
     def authorised(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.key}"
@@ -183,6 +201,7 @@ class ToyEmulator(Emulator):
         items = (await request.json())["contacts"]
         if len(items) > 100:
             return web.json_response({"code": "too_many"}, status=400)
+        await self._holding({item["email"] for item in items})
         results = []
         for item in items:
             email = item["email"]
@@ -203,6 +222,7 @@ class ToyEmulator(Emulator):
 
     async def _activities(self, request: web.Request) -> web.StreamResponse:
         items = (await request.json())["activities"]
+        await self._holding({item["email"] for item in items})
         results = []
         for item in items:
             if item["email"] not in self.contacts:
