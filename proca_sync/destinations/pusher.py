@@ -371,18 +371,20 @@ class Pusher:
         self._ahead = asyncio.create_task(
             self._read(plan.last_seq, plan.assumptions()), name=f"plan-{self.name}"
         )
-        phases = plan.phases(self.batch_size)
+        # An empty phase when every batch of the window went early: the next window may
+        # still start early while they are in flight.
+        phases = plan.phases(self.batch_size) or [[]]
         for n, phase in enumerate(phases):
             # Batches of one phase hold distinct contacts: they may be in flight together.
             tasks = [asyncio.create_task(self._push(b, plan)) for b in phase]
             try:
                 if n == len(phases) - 1:
-                    await self._overlap(plan, tasks)
+                    await self._overlap(plan, [*tasks, *early])
                 done = await asyncio.gather(*tasks)
             except BaseException:
-                for task in tasks:
+                for task in [*tasks, *early]:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, *early, return_exceptions=True)
                 raise
             if self._lease_lost:
                 raise LeaseLostError("lease lost")
