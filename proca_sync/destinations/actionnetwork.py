@@ -102,6 +102,11 @@ class ActionNetworkDestination:
         self._targets: dict[tuple[str, str], dict[str, str]] = {}
 
     @property
+    def throttled(self) -> int:
+        """429 answers received (the pusher's metrics)."""
+        return 0 if self._client is None else self._client.stats.throttled
+
+    @property
     def client(self) -> ApiClient:
         if self._client is None:
             self._client = ApiClient(

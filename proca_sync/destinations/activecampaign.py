@@ -126,6 +126,11 @@ class ActiveCampaignDestination:
         self._unsub_full_at = 0.0
 
     @property
+    def throttled(self) -> int:
+        """429 answers received (the pusher's metrics)."""
+        return 0 if self._client is None else self._client.stats.throttled
+
+    @property
     def client(self) -> ApiClient:
         if self._client is None:
             base = (self.config.base_url or "").rstrip("/")

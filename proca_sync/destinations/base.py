@@ -68,9 +68,10 @@ Subscription = Literal["subscribed", "unsubscribed", "not_opted_in"]
   subscribing it, and never unsubscribe someone the remote CRM already has as a subscriber.
 """
 
-ItemKey = tuple[Literal["contact", "action", "erasure"], str]
+ItemKey = tuple[Literal["contact", "action", "erasure", "retired"], str]
 """``("contact", "<ledger contact id>")``, ``("action", "<action id>")``,
-``("erasure", "<tombstone id>")``: how a report names an item (no personal data)."""
+``("erasure", "<tombstone id>")``, ``("retired", "<ledger contact id>")``: how a report
+names an item (no personal data)."""
 
 
 class DestinationRejectedError(BackendRejectedError):
@@ -168,24 +169,42 @@ class ActionView:
 
 @dataclass(frozen=True, slots=True)
 class Erasure:
-    """A contact erased from the ledger (``crm forget``), to erase remotely too.
+    """An address whose remote record must go: a contact erased from the ledger
+    (``crm forget``), or — with ``retired`` — an address the ledger no longer pushes to.
 
-    The ledger keeps the address only until every destination that supports erasure has
-    propagated it; ``refs`` are the contact refs it had.
+    *Erasure* (``retired`` false): ``tombstone_id`` is the tombstone's id; the ledger
+    keeps the address only until every destination that supports erasure has propagated
+    it; ``refs`` are the contact refs it had. Connectors erase the person the way their
+    docs page says (GDPR delete where the API has one).
+
+    *Retirement* (``retired`` true): ``tombstone_id`` is the ledger id of the contact
+    the address was pushed for — a contact merged away by deduplication, or a contact
+    whose current address changed — and ``refs`` is empty (the refs live on in the
+    merged contact). The person is still in the ledger under another address: the
+    connector removes or archives the record of *this address* only, never with a
+    permanent deletion that would stop the address from coming back later (Mailchimp's
+    ``delete-permanent``, HubSpot's GDPR delete), and where the API cannot delete, does
+    what its docs page says. The pusher sends a window's retirements in batches of their
+    own, before the window's contact upserts, and then offers every action of the
+    remaining contact again (connectors skip those the destination still has), so that
+    activities an API removed with the retired record are recorded again.
     """
 
     tombstone_id: int
     email: str = field(repr=False)
     refs: tuple[str, ...]
+    retired: bool = False
 
     @property
     def key(self) -> ItemKey:
-        return ("erasure", str(self.tombstone_id))
+        return ("retired" if self.retired else "erasure", str(self.tombstone_id))
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """What one push sends: contact upserts, then their new activities, then erasures."""
+    """What one push sends: contact upserts, then their new activities, then erasures
+    (and retirements: :class:`Erasure` with ``retired``; a batch of retirements holds
+    nothing else)."""
 
     contacts: Sequence[ContactView] = ()
     actions: Sequence[ActionView] = ()

@@ -236,6 +236,11 @@ class BrevoDestination:
         report.requests = self._requests() - start
         return report
 
+    @property
+    def throttled(self) -> int:
+        """429 answers received (the pusher's metrics)."""
+        return sum(c.stats.throttled for c in (self._client, self._slow, self._events))
+
     def _requests(self) -> int:
         return sum(c.stats.requests for c in (self._client, self._slow, self._events))
 

@@ -41,6 +41,7 @@ from proca_sync.destinations.base import (
     ContactView,
     DestinationConfig,
     DestinationRejectedError,
+    Erasure,
     ItemKey,
     PushReport,
 )
@@ -273,6 +274,11 @@ class CivicrmDestination:
         report.requests = self._requests() - start
         return report
 
+    @property
+    def throttled(self) -> int:
+        """429 answers received (the pusher's metrics)."""
+        return self._client.stats.throttled + self._writes.stats.throttled
+
     def _requests(self) -> int:
         return self._client.stats.requests + self._writes.stats.requests
 
@@ -407,7 +413,7 @@ class CivicrmDestination:
         for erasure in batch.erasures:
             ids = sorted(by_email.get(erasure.email, ()))
             if ids:
-                calls[f"e{erasure.tombstone_id}"] = [
+                calls[_call_name(erasure)] = [
                     "Contact",
                     "delete",
                     {"where": [["id", "IN", ids]], "useTrash": False},
@@ -416,9 +422,16 @@ class CivicrmDestination:
             return
         results = await self._multi(calls)
         for erasure in batch.erasures:
-            result = results.get(f"e{erasure.tombstone_id}")
+            result = results.get(_call_name(erasure))
             if result is not None and ("error_code" in result or "error_message" in result):
                 report.failed[erasure.key] = self._refusal("contact delete", result)
+
+
+def _call_name(erasure: Erasure) -> str:
+    """The call's name in a multi-call: ``e<tombstone>``, or ``r<contact>`` for a
+    retirement (their ids come from different tables)."""
+    kind, ident = erasure.key
+    return f"{'r' if kind == 'retired' else 'e'}{ident}"
 
 
 def _code(result: Mapping[str, Any]) -> str:

@@ -166,6 +166,11 @@ class HubSpotDestination:
         self._client: ApiClient | None = None
 
     @property
+    def throttled(self) -> int:
+        """429 answers received (the pusher's metrics)."""
+        return 0 if self._client is None else self._client.stats.throttled
+
+    @property
     def client(self) -> ApiClient:
         if self._client is None:
             limiter = RateLimiter(self.config.rate or 9.0, self.config.burst or 5)
@@ -494,7 +499,9 @@ class HubSpotDestination:
                 )
 
     async def _erase(self, erasure: Erasure, report: PushReport) -> None:
-        """Archive the notes this connector wrote on the contact, then GDPR-delete it."""
+        """Archive the notes this connector wrote on the contact, then GDPR-delete it —
+        or, for a retired address (a contact merged away), archive it: a GDPR delete
+        would stop the address from ever coming back."""
         key: ItemKey = erasure.key
         try:
             found = await self._call(
@@ -518,19 +525,27 @@ class HubSpotDestination:
                     raise BackendUnavailableError(
                         f"{self.name}: notes archive answered {archived.status}"
                     )
-            response = await self._call(
-                "POST",
-                "/crm/v3/objects/contacts/gdpr-delete",
-                json={"objectId": erasure.email, "idProperty": "email"},
-            )
+            if erasure.retired:
+                response = await self._call(
+                    "DELETE",
+                    f"/crm/v3/objects/contacts/{found.body['id']}",
+                    what="DELETE /crm/v3/objects/contacts/{id}",
+                )
+            else:
+                response = await self._call(
+                    "POST",
+                    "/crm/v3/objects/contacts/gdpr-delete",
+                    json={"objectId": erasure.email, "idProperty": "email"},
+                )
         except TransientError as exc:
             report.failed[key] = exc
             return
         if response.ok or response.status == 404:
             return
         body = response.body if isinstance(response.body, dict) else {}
+        what = "archive" if erasure.retired else "GDPR delete"
         report.failed[key] = DestinationRejectedError(
-            f"{self.name}: GDPR delete refused ({response.status})", code=_error_code(body)
+            f"{self.name}: {what} refused ({response.status})", code=_error_code(body)
         )
 
 

@@ -205,6 +205,11 @@ class MailchimpDestination:
         report.requests = self._requests() - start
         return report
 
+    @property
+    def throttled(self) -> int:
+        """429 answers received (the pusher's metrics)."""
+        return sum(c.stats.throttled for c in (self._client, self._once, self._download))
+
     def _requests(self) -> int:
         return sum(c.stats.requests for c in (self._client, self._once, self._download))
 
@@ -565,7 +570,9 @@ class MailchimpDestination:
     async def _erase(self, erasure: Erasure, report: PushReport) -> None:
         member = f"{self._list}/members/{subscriber_hash(erasure.email)}"
         try:
-            if self.config.erasure == "delete-permanent":
+            # A retired address (a contact merged away) is archived: a permanent delete
+            # would stop it from ever being added again.
+            if self.config.erasure == "delete-permanent" and not erasure.retired:
                 answer = await self._call(
                     "POST",
                     f"{member}/actions/delete-permanent",

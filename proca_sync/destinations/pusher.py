@@ -56,6 +56,8 @@ DEFAULT_LEASE_TTL = 15.0
 """Seconds a lease lasts without renewal: the longest a dead pusher blocks another."""
 DEFAULT_WINDOW = 5_000
 """Changes read per round."""
+FIRST_WINDOW_SHARE = 10
+"""A window read when nothing was read ahead holds this share of ``window`` changes."""
 IDLE_POLL = 1.0
 """Seconds between looks at the change log while following without a commit signal."""
 
@@ -69,14 +71,29 @@ class PusherStats:
     contacts: int = 0
     actions: int = 0
     erasures: int = 0
+    retired: int = 0
+    """Addresses retired (a contact merged away, or its address changed)."""
     requests: int = 0
     parked: int = 0
     transient_failures: int = 0
     batches: int = 0
+    overlapped: int = 0
+    """Batches started while the window before theirs was still in flight."""
+    throttled: int = 0
+    """429 answers the destination's API gave (its connector's ``throttled``, if any)."""
     last_success: float | None = None
     pending: int = 0
+    oldest_pending: float | None = None
+    """When the oldest change not yet pushed was committed (``None``: caught up)."""
     breaker: str = "closed"
     holding: bool = False
+
+    @property
+    def lag(self) -> float:
+        """Seconds the oldest change not yet pushed has waited (0 when caught up)."""
+        if self.oldest_pending is None:
+            return 0.0
+        return max(0.0, time.time() - self.oldest_pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +137,20 @@ class Pusher:
         self.stats = PusherStats()
         self.progress: Callable[[PusherStats], None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"push-{self.name}")
+        # The next window is read on a thread of its own while the current one is pushed
+        # (its records and the lease renewals keep the first thread).
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plan-{self.name}")
+        self._ahead: asyncio.Task[Plan | None] | None = None
+        self._written: dict[ItemKey, str] = {}
+        self._current: Plan | None = None
+        # The next window once read, and the tasks pushing its early batches (below).
+        self._next: Plan | None = None
+        self._early: list[asyncio.Task[bool]] = []
+        # The slots bound the requests in flight, not the recording of their outcome: a
+        # batch's record in the ledger does not hold back the next batch's request.
+        self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run()
+        self._queued = 0
+        """Batches waiting for a slot."""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,6 +162,40 @@ class Pusher:
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _read(
+        self,
+        after: int | None,
+        assumed: dict[tuple[str, str], str | None] | None = None,
+        *,
+        limit: int | None = None,
+    ) -> Plan | None:
+        """The plan of the window after the cursor (or after change ``after``, taking
+        the ``assumed`` records as written)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._reader,
+            lambda: self.state.plan(
+                limit=limit or self.window,
+                include_testing=self.include_testing,
+                erasure=self.destination.supports_erasure,
+                after=after,
+                assumed=assumed,
+            ),
+        )
+
+    async def _drop_ahead(self) -> None:
+        """Forget the window read ahead and stop its early batches (the current one did
+        not complete). What they wrote is recorded; the rest is offered again later."""
+        ahead, self._ahead = self._ahead, None
+        early, self._early = self._early, []
+        self._next = None
+        self._written = {}
+        for task in [t for t in (ahead, *early) if t is not None]:
+            task.cancel()
+        for task in [t for t in (ahead, *early) if t is not None]:
+            with contextlib.suppress(asyncio.CancelledError, ProcaSyncError):
+                await task
 
     def _on_commit(self) -> None:
         loop = self._loop
@@ -177,6 +242,8 @@ class Pusher:
         at most ``within`` seconds. Raises :class:`ConfigError` when the destination's
         configuration is refused; every other failure is retried or parked."""
         self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._current = None
         self._deadline = None if within is None else time.monotonic() + within
         self.backend.commit_hooks.append(self._on_commit)
         renewer: asyncio.Task[None] | None = None
@@ -213,6 +280,7 @@ class Pusher:
         finally:
             with contextlib.suppress(ValueError):
                 self.backend.commit_hooks.remove(self._on_commit)
+            await self._drop_ahead()
             if renewer is not None:
                 renewer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -233,6 +301,7 @@ class Pusher:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     async def _acquire(self) -> bool:
         try:
@@ -257,31 +326,125 @@ class Pusher:
                 self.stats.holding = False
 
     async def _round(self) -> bool:
-        """One window; ``True`` when there was nothing left to push."""
-        plan: Plan | None = await self._db(
-            self.state.plan,
-            limit=self.window,
-            include_testing=self.include_testing,
-            erasure=self.destination.supports_erasure,
-        )
+        """One window; ``True`` when there was nothing left to push.
+
+        Bounded pipelining: while a window's batches are in flight, the next window is
+        read and coalesced (one window ahead, on the reader thread), taking as written
+        what the current window will record (:meth:`Plan.assumptions`: addresses,
+        retirements, campaign projections). Once every batch of the current window has
+        a request slot, the next window's batches of contacts the current one does not
+        name start (:meth:`_overlap`); the rest of it waits until the current window is
+        done, less what that wrote meanwhile (:meth:`Plan.without`), so nothing is sent
+        twice. If the current window parked something of a contact the next one names,
+        the next one is read again. The same contact is never in flight twice, and the
+        cursor only moves past windows whose every item is written or parked."""
+        try:
+            return await self._window()
+        except BaseException:
+            await self._drop_ahead()
+            raise
+
+    async def _window(self) -> bool:
+        previous = self._current
+        plan, self._next = self._next, None
+        early, self._early = self._early, []
+        if plan is None and self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            plan = await ahead
+        if (
+            plan is not None
+            and previous is not None
+            and previous.parked
+            and plan.touched & previous.touched
+        ):
+            # The window read ahead assumed the previous one written whole; it parked
+            # items of contacts this one names: read it again (once its early batches,
+            # of other contacts, are done).
+            if not all(await asyncio.gather(*early)):
+                return False
+            early, plan = [], None
         if plan is None:
+            # Nothing was read ahead (or nothing was there then, or it is stale): look
+            # now, at a small window, so that the first requests leave early; the
+            # windows read ahead meanwhile are full.
+            plan = await self._read(None, limit=max(1, self.window // FIRST_WINDOW_SHARE))
+        else:
+            plan.without(self._written)
+        self._written = {}
+        self._current = plan
+        if plan is None:
+            self.stats.oldest_pending = None
             return True
-        self.stats.pending = await self._db(self.state.pending)
+        self.stats.oldest_pending = plan.first_at
+        self.stats.pending = plan.pending
         self._report()
-        slots = asyncio.Semaphore(self.concurrency)
-
-        async def one(batch: Batch) -> bool:
-            async with slots:
-                return await self._push(batch, plan)
-
-        # Batches of one window hold distinct contacts: they may be in flight together.
-        done = await asyncio.gather(*(one(b) for b in plan.batches(self.batch_size)))
-        if self._lease_lost:
-            raise LeaseLostError("lease lost")
-        if not all(done):
-            return False  # stopped or out of time: the cursor stays
-        await self._db(self.state.advance, self.owner, plan.last_seq)
+        self._ahead = asyncio.create_task(
+            self._read(plan.last_seq, plan.assumptions()), name=f"plan-{self.name}"
+        )
+        # An empty phase when every batch of the window went early: the next window may
+        # still start early while they are in flight.
+        phases = plan.phases(self.batch_size) or [[]]
+        for n, phase in enumerate(phases):
+            # Batches of one phase hold distinct contacts: they may be in flight together.
+            tasks = [asyncio.create_task(self._push(b, plan)) for b in phase]
+            try:
+                if n == len(phases) - 1:
+                    await self._overlap(plan, [*tasks, *early])
+                done = await asyncio.gather(*tasks)
+            except BaseException:
+                for task in [*tasks, *early]:
+                    task.cancel()
+                await asyncio.gather(*tasks, *early, return_exceptions=True)
+                raise
+            if self._lease_lost:
+                raise LeaseLostError("lease lost")
+            if not all(done):
+                await asyncio.gather(*early, return_exceptions=True)
+                await self._drop_ahead()
+                return False  # stopped or out of time: the cursor stays
+        if not all(await asyncio.gather(*early)):
+            await self._drop_ahead()
+            return False
+        await self._db(
+            self.state.advance,
+            self.owner,
+            plan.last_seq,
+            forgotten=plan.forgotten,
+            projections=plan.projections,
+        )
         return False
+
+    async def _overlap(self, plan: Plan, tasks: list[asyncio.Task[bool]]) -> None:
+        """While the last batches of ``plan`` are in flight, start the next window's
+        batches of contacts ``plan`` does not name, once every batch of ``plan`` has a
+        slot and the next window is read: the request slots do not idle at the end of a
+        window. The next window's other contacts, its erasures, and all of it when it
+        retires addresses, wait for ``plan`` to be done. Its cursor moves only after
+        this one's."""
+        await asyncio.sleep(0)  # sleep-ok: let the batches queue for their slots first
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        while True:
+            pending = {t for t in pending if not t.done()}
+            if not pending:
+                return
+            ahead = self._ahead
+            if ahead is not None and ahead.done() and self._queued == 0:
+                self._ahead = None
+                following = ahead.result()
+                if following is None:
+                    return
+                self._next = following
+                if not following.retirements:
+                    batches = following.take(plan.touched, self.batch_size)
+                    self._early = [
+                        asyncio.create_task(self._push(b, following)) for b in batches
+                    ]
+                    self.stats.overlapped += len(batches)
+                return
+            waiting: set[asyncio.Future[Any]] = set(pending)
+            if ahead is not None and not ahead.done():
+                waiting.add(ahead)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
 
     async def _push(self, batch: Batch, plan: Plan) -> bool:
         """Push one batch until every item is written or parked; ``False`` if stopped."""
@@ -290,11 +453,22 @@ class Pusher:
             if self._expired() or self._lease_lost:
                 return False
             try:
-                report = await self.destination.push(remaining)
+                self._queued += 1
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._queued -= 1
+                try:
+                    if self._expired() or self._lease_lost:
+                        return False
+                    report = await self.destination.push(remaining)
+                finally:
+                    self._slots.release()
             except ConfigError:
                 raise
             except TransientError as exc:
                 self.stats.transient_failures += 1
+                self.stats.throttled = int(getattr(self.destination, "throttled", 0))
                 log.warning(
                     "destination %s: push failed (%s), retrying", self.name, type(exc).__name__,
                     extra={"fields": {"event": "push_retry", "destination": self.name}},
@@ -310,6 +484,7 @@ class Pusher:
                 return True
             self.stats.requests += report.requests
             self.stats.batches += 1
+            self.stats.throttled = int(getattr(self.destination, "throttled", 0))
             retry = await self._settle(remaining, plan, report.failed)
             self.breaker.record_success()
             self.stats.breaker = str(self.breaker.state)
@@ -342,10 +517,20 @@ class Pusher:
                 after = getattr(error, "retry_after", None)
                 if after is not None:
                     retry_after = max(retry_after or 0.0, after)
-        await self._db(self.state.record, self.owner, done, parked)
+        addresses = {
+            key[1]: plan.addresses[key[1]]
+            for key in done
+            if key[0] == "contact" and key[1] in plan.addresses
+        }
+        await self._db(self.state.record, self.owner, done, parked, addresses)
+        for key in [*done, *parked]:
+            self._written[key] = plan.digests[key][1]
+        if parked:
+            plan.parked = True
         self.stats.contacts += sum(1 for k in done if k[0] == "contact")
         self.stats.actions += sum(1 for k in done if k[0] == "action")
         self.stats.erasures += sum(1 for k in done if k[0] == "erasure")
+        self.stats.retired += sum(1 for k in done if k[0] == "retired")
         self.stats.parked += len(parked)
         for key, (_version, code, _message) in parked.items():
             log.warning(
@@ -492,9 +677,18 @@ class PusherCollector:
             "proca_sync_destination_last_success_seconds", "Unix time of the last success",
             labels=["destination"],
         )
+        throttled = CounterMetricFamily(
+            "proca_sync_destination_throttled", "429 answers from a destination's API",
+            labels=["destination"],
+        )
+        lag = GaugeMetricFamily(
+            "proca_sync_destination_lag_seconds",
+            "Seconds the oldest change not yet pushed has waited (0 when caught up)",
+            labels=["destination"],
+        )
         for pusher in self.pushers:
             name, stats = pusher.name, pusher.stats
-            for kind in ("contacts", "actions", "erasures"):
+            for kind in ("contacts", "actions", "erasures", "retired"):
                 items.add_metric([name, kind], getattr(stats, kind))
             requests.add_metric([name], stats.requests)
             parked.add_metric([name], stats.parked)
@@ -502,7 +696,9 @@ class PusherCollector:
             pending.add_metric([name], stats.pending)
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
             last.add_metric([name], stats.last_success or 0)
-        yield from (items, requests, parked, failures, pending, breaker, last)
+            throttled.add_metric([name], stats.throttled)
+            lag.add_metric([name], stats.lag)
+        yield from (items, requests, parked, failures, pending, breaker, last, throttled, lag)
 
 
 def status_line(pushers: Sequence[Pusher]) -> str:

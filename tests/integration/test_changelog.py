@@ -75,12 +75,22 @@ def test_every_commit_logs_its_changed_entities_once(crm_url: str, nul: bool) ->
         # A redelivery changes nothing and logs nothing.
         assert backend.apply_sync(records[:1]) == ["duplicate"]
         assert _changes(backend) == rows
-        # A merge (one record naming both people) logs the survivor and the action.
+        # A merge (one record naming both people) logs the survivor, the action, and
+        # the merged-away contact with the one it joined ("other:survivor").
+        with backend.engine.connect() as conn:
+            owner = dict(
+                conn.execute(
+                    text("SELECT value, contact_id FROM contact_keys WHERE kind = 'email'")
+                ).all()
+            )
         backend.apply_sync(
             [_record("m3", ref="R" * 43, email="b@example.org", action_id=3, day=2)]
         )
         new = _changes(backend)[len(rows) :]
-        assert {k for _, k, _ in new} == {"contact", "action", "campaign"}
+        assert {k for _, k, _ in new} == {"contact", "action", "campaign", "merge"}
+        survivor, other = owner["a@example.org"], owner["b@example.org"]
+        assert [e for _, k, e in new if k == "merge"] == [f"{other}:{survivor}"]
+        assert [e for _, k, e in new if k == "contact"] == [str(survivor)]
         assert [s for s, _, _ in _changes(backend)] == sorted(s for s, _, _ in _changes(backend))
         assert before["contacts"] == []
 

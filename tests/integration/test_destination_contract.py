@@ -328,6 +328,81 @@ async def test_small_pushes_interleaved_with_replays_equal_one_push(
     assert interleaved == target.expected(data)
 
 
+# ---- merges ------------------------------------------------------------------------------
+
+
+MERGE_REFS = ("M" * 42 + "1", "M" * 42 + "2")
+
+
+@pytest.mark.parametrize(
+    ("merge_created", "retired_path"),
+    [
+        # An older record joins them: the first contact keeps its (newer) address, the
+        # second is merged away and its address is retired.
+        pytest.param("2024-06-01T10:00:00Z", "merged-away", id="merged-away-address"),
+        # A newer record joins them: the merged contact takes the second address, the
+        # address the first was pushed under is retired.
+        pytest.param(None, "survivor-moved", id="survivor-address-changed"),
+    ],
+)
+async def test_a_merge_after_a_push_leaves_only_the_merged_contact_remotely(
+    tmp_path: Path, target: Target, merge_created: str | None, retired_path: str
+) -> None:
+    if getattr(target.driver, "erasure_keeps_address", False):
+        pytest.skip(
+            "the API cannot delete a person: a retired address is stripped and "
+            "unsubscribed (its docs page), so the address stays"
+        )
+    # Mailchimp's default erasure (not the suite's) forgets an address for good, which a
+    # retirement must not do: run it with that default.
+    table = {"erasure": "delete-permanent"} if target.id == "mailchimp" else {}
+    url = f"sqlite:///{tmp_path / 'merge.db'}"
+    first, second = "merge.first@example.org", "merge.second@example.org"
+    # Inserted in this order: the first gets the lower ledger id (it survives a merge).
+    await replay(url, [
+        dumps(action(9_300_001, ref=MERGE_REFS[0], email=first,
+                     created="2025-01-02T10:00:00Z", campaign="merge_a")),
+        dumps(action(9_300_002, ref=MERGE_REFS[1], email=second,
+                     created="2025-01-01T10:00:00Z", campaign="merge_b")),
+    ])
+    assert (await push(url, target, **table)).caught_up
+    assert {first, second} <= set(remote_contacts(target.snapshot()))
+    created = merge_created or (datetime.now(UTC) + timedelta(seconds=2)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    # One record naming the first's ref and the second's address: the ledger merges them.
+    await replay(url, [
+        dumps(action(9_300_003, ref=MERGE_REFS[0], email=second, created=created,
+                     campaign="merge_a")),
+    ])
+    data = export(url)
+    merged = [c for c in data["contacts"] if set(MERGE_REFS) <= set(c["contactRefs"])]
+    assert len(merged) == 1 and len(data["contacts"]) == 1
+    kept = merged[0]["email"]
+    gone = ({first, second} - {kept}).pop()
+    assert kept == (first if retired_path == "merged-away" else second)
+    result = await push(url, target, **table)
+    assert result.caught_up and result.parked == 0
+    assert result.stats.retired == 1
+    remote = remote_contacts(target.snapshot())
+    assert gone not in remote and kept in remote
+    assert target.snapshot() == target.expected(data)
+    writes = target.writes()
+    again = await push(url, target, **table)
+    assert again.caught_up and again.stats.requests == 0
+    assert target.writes() == writes, "a second push wrote something"
+    # The retired address can come back (it was archived, not deleted for good): a newer
+    # action under it makes it the merged contact's address again.
+    later = (datetime.now(UTC) + timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await replay(url, [dumps(action(9_300_004, ref=MERGE_REFS[1], email=gone, created=later,
+                                    campaign="merge_b"))])
+    back = await push(url, target, **table)
+    assert back.caught_up and back.parked == 0
+    remote = remote_contacts(target.snapshot())
+    assert gone in remote and kept not in remote
+    assert target.snapshot() == target.expected(export(url))
+
+
 @pytest.mark.postgres
 async def test_a_postgres_ledger_pushes_the_same_state(pg_url: str, target: Target) -> None:
     if not FULL and target.id == "csv":

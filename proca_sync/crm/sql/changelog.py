@@ -6,6 +6,13 @@ contact id, an action id or a campaign name). The destinations' pusher reads the
 after its cursor and pushes the entities' *current* state, so one row per entity is
 enough and a row for an entity since deleted (merged, erased) is skipped.
 
+A contact merged into another by deduplication is deleted; its commit adds a ``merge``
+row (``entity``: ``"<merged-away id>:<merged contact id>"``), from which the pusher
+retires the address a destination had for the merged-away contact (see
+:meth:`~proca_sync.destinations.state.LedgerState.plan`). A campaign's row makes the
+pusher offer the campaign's contacts again when what destinations project of it (title,
+external id) changed.
+
 **Order.** A reader advances its cursor to the highest change number it read, so it must
 never see number *n+1* committed while *n* is still to come. SQLite serialises writers,
 so numbers are drawn in commit order. On PostgreSQL two transactions may draw numbers in
@@ -180,7 +187,10 @@ def forget(
     for table in (destination_items, destination_parked):
         conn.execute(
             delete(table).where(
-                ((table.c.kind == "contact") & (table.c.entity == str(contact_id)))
+                (
+                    table.c.kind.in_(["contact", "address", "retired"])
+                    & (table.c.entity == str(contact_id))
+                )
                 | ((table.c.kind == "action") & table.c.entity.in_(action_ids))
             )
         )

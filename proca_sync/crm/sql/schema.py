@@ -124,8 +124,10 @@ changes = Table(
     metadata,
     # Commit-ordered on PostgreSQL (see changelog.py); SQLite serialises writers anyway.
     Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-    Column("kind", String(16), nullable=False),  # contact | action | campaign | erasure
-    Column("entity", String(255), nullable=False),  # ledger id, action id, campaign name
+    # contact | action | campaign | erasure | merge (a contact merged away) | retired
+    Column("kind", String(16), nullable=False),
+    # ledger id, action id, campaign name, tombstone id, "<merged-away id>:<merged into>"
+    Column("entity", String(255), nullable=False),
     Column("at", Float, nullable=False),  # epoch seconds of the commit (for the lag)
     sqlite_autoincrement=True,
 )
@@ -158,6 +160,8 @@ destinations = Table(
     Column("lease_until", Float),
 )
 
+# kind: contact, action, erasure, address (hash of the address a contact was pushed
+# under), campaign (digest of what was projected of it).
 destination_items = Table(
     "destination_items",
     metadata,

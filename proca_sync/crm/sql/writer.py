@@ -406,6 +406,8 @@ class _Writer:
         self.touched_contacts: dict[int, None] = {}
         self.touched_actions: dict[int, None] = {}
         self.touched_campaigns: dict[str, None] = {}
+        # Contacts merged into another (deleted), by handle or id → the one they joined.
+        self.merged: dict[int, int] = {}
 
     def apply(self, records: Sequence[SyncRecord]) -> list[ApplyResult]:
         keys = list(dict.fromkeys(r.key for r in records))
@@ -458,6 +460,9 @@ class _Writer:
     def _changed_contact_ids(self) -> list[int]:
         return list(self.touched_contacts)
 
+    def _merged_ids(self) -> list[tuple[int, int]]:
+        return list(self.merged.items())
+
     def _log_changes(self) -> None:
         """One change row per contact, action and campaign the batch changed, in the
         batch's transaction, as its last statement (on PostgreSQL after taking the change
@@ -469,6 +474,11 @@ class _Writer:
         ]
         rows += [{"kind": "action", "entity": str(a), "at": at} for a in self.touched_actions]
         rows += [{"kind": "campaign", "entity": c, "at": at} for c in self.touched_campaigns]
+        # A merged-away contact: ``other:survivor`` (the destinations retire its address).
+        rows += [
+            {"kind": "merge", "entity": f"{other}:{survivor}", "at": at}
+            for other, survivor in self._merged_ids()
+        ]
         if not rows:
             return
         if self.sql.postgres:
@@ -611,6 +621,9 @@ class _BatchWriter(_Writer):
     def _changed_contact_ids(self) -> list[int]:
         return list(dict.fromkeys(self._id(h) for h in self.touched_contacts))
 
+    def _merged_ids(self) -> list[tuple[int, int]]:
+        return [(self._id(o), self._id(s)) for o, s in self.merged.items()]
+
     def _begin(self, records: Sequence[SyncRecord]) -> None:
         self._read(records)
 
@@ -729,6 +742,7 @@ class _BatchWriter(_Writer):
         self.cursor.execute(self.sql.copy_statuses, params)
         self.cursor.execute(self.sql.delete_statuses, {"other": params["other"]})
         self.cursor.execute(self.sql.delete_contact, {"other": params["other"]})
+        self.merged[other] = survivor
         for key, owner in self.key_owners.items():
             if owner == other:
                 self.key_owners[key] = survivor
@@ -929,6 +943,7 @@ class _RecordWriter(_Writer):
         self.cursor.execute(self.sql.copy_statuses, params)
         self.cursor.execute(self.sql.delete_statuses, {"other": other})
         self.cursor.execute(self.sql.delete_contact, {"other": other})
+        self.merged[other] = survivor
 
     def _action(self, index: int, record: ActionRecord, contact_id: int) -> None:
         current = self._one(self.sql.action_owner, {"action_id": record.action_id})

@@ -80,6 +80,7 @@ class HubSpotEmulator(Emulator):
     statuses: dict[tuple[str, int], str] = field(default_factory=dict)
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
+    archived: list[str] = field(default_factory=list)
     refused: set[str] = field(default_factory=set)
     """Addresses this account refuses (``INVALID_EMAIL``), for the parking tests."""
     created: Counter[str] = field(default_factory=Counter)
@@ -141,6 +142,7 @@ class HubSpotEmulator(Emulator):
         app.router.add_get("/crm/v3/objects/contacts/{id}", self.get_contact)
         app.router.add_post("/crm/v3/objects/notes/batch/archive", self.archive_notes)
         app.router.add_post("/crm/v3/objects/contacts/gdpr-delete", self.gdpr_delete)
+        app.router.add_delete("/crm/v3/objects/contacts/{id}", self.archive_contact)
         app.router.add_post("/crm/v3/objects/notes/batch/create", self.create_notes)
         app.router.add_post("/crm/v3/objects/notes/batch/read", self.read_notes)
         app.router.add_post("/crm/v4/associations/contacts/notes/batch/read", self.read_assoc)
@@ -297,6 +299,17 @@ class HubSpotEmulator(Emulator):
         for note in self.notes.values():
             note["contacts"].discard(contact["id"])
         self.deleted.append(email)
+        self._daily += 1
+        return web.Response(status=204, headers=self._rate_headers())
+
+    async def archive_contact(self, request: web.Request) -> web.StreamResponse:
+        """``DELETE /crm/v3/objects/contacts/{contactId}``: moved to the recycling bin
+        (204). The address's subscription statuses stay: they belong to the address."""
+        contact = self.contacts.pop(request.match_info["id"], None)
+        if contact is not None:
+            for note in self.notes.values():
+                note["contacts"].discard(contact["id"])
+            self.archived.append(contact["properties"].get("email", ""))
         self._daily += 1
         return web.Response(status=204, headers=self._rate_headers())
 

@@ -19,6 +19,7 @@ The API, as a vendor would document it:
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +27,7 @@ from aiohttp import web
 
 from proca_sync.destinations.base import (
     Batch,
+    CampaignView,
     DestinationConfig,
     DestinationRejectedError,
     PushReport,
@@ -63,6 +65,10 @@ class ToyDestination:
             max_backoff=2.0,
         )
 
+    @property
+    def throttled(self) -> int:
+        return self.client.stats.throttled
+
     async def open(self) -> None:
         await self.client.open()
 
@@ -95,6 +101,11 @@ class ToyDestination:
                             "postcode": c.postcode,
                             "country": c.country,
                             "subscription": c.subscription,
+                            # Campaign data projected on the contact (a campaign update
+                            # re-pushes the campaign's contacts).
+                            "tags": sorted(
+                                {_title(batch.campaigns.get(n), n) for n in c.campaigns}
+                            ),
                         }
                         for c in batch.contacts
                     ]
@@ -156,6 +167,23 @@ class ToyEmulator(Emulator):
         self.refused: set[str] = set()
         self.erased = 0
         self._activity_email: dict[str, str] = {}
+        self.hold = 0.0
+        """Seconds a contacts or activities request holds its e-mails before answering."""
+        self.busy: Counter[str] = Counter()
+        self.overlaps = 0
+        """Requests that named an e-mail another request in flight named."""
+
+    async def _holding(self, emails: set[str]) -> None:
+        """Hold ``emails`` for :attr:`hold` seconds, counting overlaps with other requests."""
+        if not self.hold:
+            return
+        if any(self.busy[e] for e in emails):
+            self.overlaps += 1
+        self.busy.update(emails)
+        try:
+            await asyncio.sleep(self.hold)  # sleep-ok: the request's time in flight
+        finally:
+            self.busy.subtract(emails)
 
     def authorised(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.key}"
@@ -173,6 +201,7 @@ class ToyEmulator(Emulator):
         items = (await request.json())["contacts"]
         if len(items) > 100:
             return web.json_response({"code": "too_many"}, status=400)
+        await self._holding({item["email"] for item in items})
         results = []
         for item in items:
             email = item["email"]
@@ -180,7 +209,9 @@ class ToyEmulator(Emulator):
                 results.append({"email": email, "status": "error", "code": "invalid_email"})
                 continue
             stored = self.contacts.get(email)
-            record = {k: item[k] for k in ("firstName", "lastName", "postcode", "country")}
+            record = {
+                k: item[k] for k in ("firstName", "lastName", "postcode", "country", "tags")
+            }
             subscription = item["subscription"]
             if subscription == "not_opted_in" and stored is not None:
                 subscription = stored["subscription"]
@@ -191,6 +222,7 @@ class ToyEmulator(Emulator):
 
     async def _activities(self, request: web.Request) -> web.StreamResponse:
         items = (await request.json())["activities"]
+        await self._holding({item["email"] for item in items})
         results = []
         for item in items:
             if item["email"] not in self.contacts:
@@ -236,6 +268,7 @@ class ToyDriver(Driver):
 
     def expected(self, export: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         include_testing = bool(config.get("include_testing"))
+        titles = {c["name"]: c["title"] or c["name"] for c in export["campaigns"]}
         contacts: dict[str, dict[str, Any]] = {}
         activities: dict[str, dict[str, Any]] = {}
         for contact in export["contacts"]:
@@ -247,6 +280,9 @@ class ToyDriver(Driver):
                 "postcode": contact["postcode"],
                 "country": contact["country"],
                 "subscription": subscription(contact),
+                "tags": sorted(
+                    {titles.get(a["campaign"], a["campaign"]) for a in contact["actions"]}
+                ),
             }
             for action in contact["actions"]:
                 if action["testing"] and not include_testing:
@@ -256,6 +292,10 @@ class ToyDriver(Driver):
                     "campaign": action["campaign"],
                 }
         return {"contacts": contacts, "activities": activities}
+
+
+def _title(campaign: CampaignView | None, name: str) -> str:
+    return (campaign.title if campaign is not None else None) or name
 
 
 def subscription(contact: dict[str, Any]) -> str:
