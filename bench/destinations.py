@@ -38,7 +38,7 @@ from proca_sync.destinations import destination_from_config
 from proca_sync.destinations.base import Batch, Destination
 from proca_sync.destinations.pusher import Pusher
 from proca_sync.destinations.state import LedgerState
-from proca_sync.sync.records import ActionRecord, ContactFacts, SyncRecord
+from proca_sync.sync.records import ActionRecord, ConsentFact, ContactFacts, SyncRecord
 from tests.support.emulators import DRIVERS
 from tests.support.emulators.base import Driver, Emulator
 from tests.support.emulators.toy import ToyDriver
@@ -69,6 +69,10 @@ def fill(url: str, contacts: int) -> None:
                         stamp=f"2024-05-{1 + n % 28:02d}T10:00:00.000000Z|1|{n + 1:020d}",
                         admit=True,
                         real=True,
+                        # Supporters who opted in: the lists' members, what a backfill
+                        # into a mailing tool moves (Brevo's bulk import needs a list;
+                        # others go one by one, at its 10 requests/s).
+                        consent=ConsentFact(n + 1, True, created),
                     ),
                     action=ActionRecord(
                         action_id=n + 1,
@@ -91,8 +95,12 @@ def fill(url: str, contacts: int) -> None:
 def _rate_of(destination: Destination, table: dict[str, Any]) -> float | None:
     if table.get("rate"):
         return float(table["rate"])
-    limiter = getattr(getattr(destination, "client", None), "limiter", None)
-    return float(limiter.rate) if limiter is not None else None
+    for holder in (destination, getattr(destination, "client", None),
+                   getattr(destination, "_client", None)):
+        limiter = getattr(holder, "limiter", None)
+        if limiter is not None and getattr(limiter, "rate", None):
+            return float(limiter.rate)
+    return None
 
 
 async def pusher_run(url: str, table: dict[str, Any]) -> dict[str, Any]:
