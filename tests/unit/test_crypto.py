@@ -591,3 +591,9 @@ def test_one_key_store_decrypts_again_with_its_cached_box() -> None:
     assert decrypt_record(info, keystore) == PLAINTEXT
     assert decrypt_record(info, keystore) == PLAINTEXT  # the box now comes from the cache
 
+
+
+@pytest.mark.parametrize("text", ["QUJD", "QUJD=", "QUJD==", " QUJD\n", "QUI", "QUI=", " QUI== "])
+def test_b64decode_takes_any_trailing_padding_and_surrounding_space(text: str) -> None:
+    assert b64decode(text) in (b"ABC", b"AB")
+    assert b64decode(text) == (b"ABC" if "QUJD" in text else b"AB")
