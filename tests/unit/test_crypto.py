@@ -597,3 +597,11 @@ def test_one_key_store_decrypts_again_with_its_cached_box() -> None:
 def test_b64decode_takes_any_trailing_padding_and_surrounding_space(text: str) -> None:
     assert b64decode(text) in (b"ABC", b"AB")
     assert b64decode(text) == (b"ABC" if "QUJD" in text else b"AB")
+
+
+def test_a_key_with_a_stray_character_is_refused_not_repaired() -> None:
+    """Characters outside base64url are an error, not skipped: a damaged key file is
+    reported, even when what is left would decode to the right key."""
+    damaged = RECIPIENT_PRIVATE[:10] + "*#*#" + RECIPIENT_PRIVATE[10:]  # 4: padding stays right
+    with pytest.raises(ConfigError, match="not base64url"):
+        Keystore.from_json({RECIPIENT_PUBLIC: {"private": damaged}})
