@@ -819,3 +819,11 @@ def test_contacts_show_only_their_reference_in_repr() -> None:
     assert repr(contact) == "Contact(contact_ref='ref1')"
     legacy = ContactV1(ref="ref2", email="jane@example.org", payload='{"a": 1}')
     assert repr(legacy) == "ContactV1(ref='ref2')"
+
+
+def test_to_wire_gives_plain_json_types(load_fixture: Loader) -> None:
+    from proca_sync.messages import to_wire
+
+    wire = to_wire(decode(load_fixture("petition_optin.json")))
+    assert type(wire["stage"]) is str  # not the Stage enum: the dict is plain JSON data
+    assert wire == orjson.loads(orjson.dumps(wire))
