@@ -16,6 +16,15 @@ FIXTURES = Path(
     os.environ.get("PROCA_SHARED", Path(__file__).resolve().parents[2] / "shared")
 ) / "fixtures"
 
+# Mutation testing (scripts/mutation.sh): while mutmut maps which tests reach which
+# function, it marks the process with MUTANT_UNDER_TEST=stats, and a proca-sync subprocess
+# started by a test inherits it and then looks for mutmut's settings in its own working
+# directory (a tmp dir), where it fails. mutmut keeps its own copy of the mark in this
+# process, so taking it out of the environment only spares the subprocesses. (The mark of a
+# mutant under test stays: a subprocess runs that mutant too.)
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    del os.environ["MUTANT_UNDER_TEST"]
+
 PG_HOST = os.environ.get("PROCA_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PROCA_TEST_PG_PORT", "5432"))
 PG_DB = os.environ.get("PROCA_TEST_PG_DB", "test")

@@ -100,3 +100,39 @@ def test_held_acks_go_out_alone_when_asked() -> None:
     assert book.frames() == [(2, False)]
     book.ack(1)
     assert book.frames(singles=False) == [(1, True)]  # 2 is settled already: not named
+
+
+def test_a_tag_settled_on_its_own_is_never_acked_after() -> None:
+    """A rejected tag is gone at the broker: an ack noted for it before is dropped."""
+    book = AckBook()
+    book.ack(2)
+    book.settled(2)
+    assert book.pending == 0
+    assert book.frames() == []
+    book.ack(1)
+    assert book.frames() == [(1, True)]  # 2 is not named
+    book.settled(1)  # already settled: nothing changes
+    book.ack(3)
+    assert book.frames() == [(3, True)]
+
+
+def test_a_tag_acked_again_is_not_sent_again() -> None:
+    book = AckBook()
+    book.ack(1)
+    assert book.frames() == [(1, True)]
+    book.ack(1)  # already acked at the broker: a second ack would close the channel
+    assert book.pending == 0
+    assert book.frames() == []
+
+
+def test_after_a_single_ack_the_prefix_grows_past_it() -> None:
+    """A tag acked on its own counts as settled: once the gap before it closes, later
+    acks go out in one multiple ack again, not held or one by one."""
+    book = AckBook()
+    book.ack(2)
+    assert book.frames() == [(2, False)]
+    book.ack(1)
+    book.ack(3)
+    assert book.frames(singles=False) == [(3, True)]
+    book.ack(4)
+    assert book.frames(singles=False) == [(4, True)]

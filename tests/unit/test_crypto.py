@@ -177,7 +177,7 @@ def test_save_is_0600_and_round_trips(tmp_path: Path) -> None:
         RECIPIENT_PUBLIC: {"private": RECIPIENT_PRIVATE, "expired": True},
         other.public: {"private": other.private},
     }
-    assert "\n  " in text  # pretty-printed, as @proca/crypto writes it
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"  # as @proca/crypto writes it
     reloaded = Keystore.load(path)
     assert reloaded.to_json() == keystore.to_json()
     assert [p.public for p in reloaded] == [RECIPIENT_PUBLIC, other.public]
@@ -422,6 +422,7 @@ def test_decrypted_record_of_wrong_types(load_fixture: Loader, record: dict[str,
     with pytest.raises(DecryptError) as exc:
         decrypt_message(decode(orjson.dumps(document)), vector_keystore())
     assert exc.value.reason is Reason.INVALID_PLAINTEXT
+    assert exc.value.args == ("decrypted record has fields of the wrong type",)
 
 
 # ---- decrypt_message merges over the clear contact -------------------------------------
@@ -494,3 +495,113 @@ def test_decrypt_message_failure_is_decrypt_error(load_fixture: Loader) -> None:
     with pytest.raises(DecryptError) as exc:
         decrypt_message(message, Keystore([OTHER]))
     assert exc.value.reason is Reason.UNKNOWN_KEY
+
+
+# ---- what the errors say (operators read them; never a private key nor plaintext) -------
+
+P8 = RECIPIENT_PUBLIC[:8]
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        pytest.param([], "key store: top level must be a JSON object", id="top-level"),
+        pytest.param({RECIPIENT_PUBLIC: {}}, f"key store: entry {P8}… has no string 'private'",
+                     id="no-private"),
+        pytest.param({RECIPIENT_PUBLIC: {"private": "!!not base64!!"}},
+                     f"key {P8}…: not base64url", id="not-base64"),
+        pytest.param({RECIPIENT_PUBLIC: {"private": RECIPIENT_PRIVATE[:20]}},
+                     f"key {P8}…: keys must be 32 bytes", id="short"),
+        pytest.param(_MISMATCHED, f"key {P8}…: private key does not match its public key",
+                     id="mismatch"),
+    ],
+)
+def test_key_store_errors_name_the_key_and_the_problem(document: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Keystore.from_json(document)
+    assert str(info.value) == message
+
+
+def test_key_store_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.json"
+    with pytest.raises(ConfigError) as info:
+        Keystore.load(missing)
+    assert str(info.value) == f"key store {missing}: No such file or directory"
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b"{")
+    with pytest.raises(ConfigError) as info:
+        Keystore.load(broken)
+    assert str(info.value) == f"key store {broken}: not valid JSON"
+
+
+def test_extra_fields_of_an_entry_are_kept_without_the_private_key() -> None:
+    store = Keystore.from_json(
+        {RECIPIENT_PUBLIC: {"private": RECIPIENT_PRIVATE, "expired": True, "note": "2023"}}
+    )
+    pair = store.get(RECIPIENT_PUBLIC)
+    assert pair is not None and dict(pair.extra) == {"expired": True, "note": "2023"}
+    assert store.to_json() == {
+        RECIPIENT_PUBLIC: {"private": RECIPIENT_PRIVATE, "expired": True, "note": "2023"}
+    }
+
+
+@pytest.mark.parametrize(
+    ("mutate", "keystore", "message"),
+    [
+        pytest.param(_no_change, None, "message is encrypted and no key store is set",
+                     id="no-keystore"),
+        pytest.param(_set("encryptKey.public", OTHER.public), ...,
+                     f"no private key for encryptKey {OTHER.public[:8]}…", id="unknown-key"),
+        pytest.param(_flip("payload", 0), ...,
+                     "ciphertext failed authentication (tampered or wrong key)", id="tampered"),
+        pytest.param(_drop("nonce"), ..., "personalInfo lacks payload, nonce or encryptKey",
+                     id="no-nonce"),
+        pytest.param(_drop("signKey"), ..., "personalInfo lacks signKey", id="no-signKey"),
+        pytest.param(_set("payload", "!!!not base64!!!"), ...,
+                     "payload or nonce is not base64url", id="bad-base64"),
+        pytest.param(_set("nonce", b64encode(bytes(23))), ..., "nonce is 23 bytes, not 24",
+                     id="short-nonce"),
+        pytest.param(_set("signKey.public", "***"), ...,
+                     "signKey.public is not a 32-byte base64url key", id="bad-signKey"),
+        pytest.param(_set("signKey.public", b64encode(bytes(32))), ...,
+                     "signKey.public is not a usable X25519 key", id="low-order-signKey"),
+        pytest.param(_raw_box(b"not json"), ..., "plaintext is not JSON", id="not-json"),
+        pytest.param(_raw_box(b"[1]"), ..., "plaintext is not a JSON object", id="array"),
+    ],
+)
+def test_decrypt_errors_say_what_failed(
+    mutate: Callable[[dict[str, Any]], None], keystore: Any, message: str
+) -> None:
+    info = vector_info()
+    mutate(info)
+    store = vector_keystore() if keystore is ... else keystore
+    with pytest.raises(DecryptError) as exc:
+        decrypt_record(PersonalInfo.model_validate(info), store)
+    assert exc.value.args == (message,)
+
+
+def test_a_key_store_shows_only_its_size() -> None:
+    assert repr(vector_keystore()) == "Keystore(1 keys)"
+    assert repr(Keystore()) == "Keystore(0 keys)"
+
+
+def test_one_key_store_decrypts_again_with_its_cached_box() -> None:
+    keystore = vector_keystore()
+    info = PersonalInfo.model_validate(vector_info())
+    assert decrypt_record(info, keystore) == PLAINTEXT
+    assert decrypt_record(info, keystore) == PLAINTEXT  # the box now comes from the cache
+
+
+
+@pytest.mark.parametrize("text", ["QUJD", "QUJD=", "QUJD==", " QUJD\n", "QUI", "QUI=", " QUI== "])
+def test_b64decode_takes_any_trailing_padding_and_surrounding_space(text: str) -> None:
+    assert b64decode(text) in (b"ABC", b"AB")
+    assert b64decode(text) == (b"ABC" if "QUJD" in text else b"AB")
+
+
+def test_a_key_with_a_stray_character_is_refused_not_repaired() -> None:
+    """Characters outside base64url are an error, not skipped: a damaged key file is
+    reported, even when what is left would decode to the right key."""
+    damaged = RECIPIENT_PRIVATE[:10] + "*#*#" + RECIPIENT_PRIVATE[10:]  # 4: padding stays right
+    with pytest.raises(ConfigError, match="not base64url"):
+        Keystore.from_json({RECIPIENT_PUBLIC: {"private": damaged}})

@@ -730,3 +730,100 @@ def test_json_types_are_not_coerced(path: tuple[str, ...], value: Any) -> None:
     with pytest.raises(DecodeError) as info:
         decode(orjson.dumps(document))
     assert info.value.reason is Reason.INVALID_FIELD
+
+
+# ---- what the errors say: the field and the problem, never a value ----------------------
+
+MESSAGES = {
+    "unknown-schema": "unknown schema 'proca:action:3'",
+    "unknown-schema-event-v1": "unknown schema 'proca:event:1'",
+    "no-schema": "no schema key",
+    "null-schema": "no schema key",
+    "number-schema": "unknown schema 'int'",
+    "action-without-action": "missing action",
+    "action-without-stage": "missing stage",
+    "action-without-createdAt": "missing action.createdAt",
+    "action-without-actionType": "missing action.actionType",
+    "deliver-null-actionId": "missing actionId",
+    "deliver-no-actionId": "missing actionId",
+    "deliver-null-campaign": "missing campaign",
+    "deliver-contact-without-ref-or-email": "missing contact.contactRef",
+    "event-no-eventType": "missing eventType",
+    "event-number-eventType": "missing eventType",
+    "email-status-no-supporter": "missing supporter",
+    "email-status-no-timestamp": "missing timestamp",
+    "email-status-no-contact": "missing supporter.contact",
+    "actionId-abc": "actionId: int_type",
+    "createdAt-yesterday": "action.createdAt: timestamp",
+    "createdAt-number": "action.createdAt: string_type",
+    "stage-unknown": "stage: enum",
+    "customFields-nested": "action.customFields.a.str: string_type",
+    "email-status-bad-timestamp": "timestamp: timestamp",
+    # raw bodies
+    "invalid-json": "body is not valid JSON",
+    "non-utf8-bytes": "body is not UTF-8",
+    "json-array": "body is a JSON list, not an object",
+    "json-null": "body is a JSON NoneType, not an object",
+}
+
+
+_CASES = {p.id: p.values for p in [*MUTATION_CASES, *RAW_CASES]}
+
+
+@pytest.mark.parametrize("case", sorted(MESSAGES))
+def test_error_messages_name_the_field_and_the_problem(load_fixture: Loader, case: str) -> None:
+    values = _CASES[case]
+    if len(values) == 3:
+        name, mutate, _ = values
+        document = orjson.loads(load_fixture(name))
+        mutate(document)
+        body: bytes | str = orjson.dumps(document)
+    else:
+        body = values[0]
+    with pytest.raises(DecodeError) as info:
+        decode(body)
+    assert info.value.args == (MESSAGES[case],)
+
+
+@pytest.mark.parametrize(
+    ("schema", "label"),
+    [
+        pytest.param("jane@example.org", "str", id="personal-data-is-not-echoed"),
+        pytest.param("proca:" + "x" * 40, "str", id="too-long"),
+        pytest.param("proca:action:2:extra", "proca:action:2:extra", id="four-parts"),
+        pytest.param("proca:action:2:x:y", "str", id="five-parts"),
+        pytest.param("Proca:action", "str", id="upper-case"),
+        pytest.param(["proca:action:2"], "list", id="list"),
+    ],
+)
+def test_an_unknown_schema_is_named_only_when_it_looks_like_one(schema: Any, label: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(orjson.dumps({"schema": schema}))
+    assert info.value.args == (f"unknown schema {label!r}",)
+    assert info.value.reason is Reason.UNKNOWN_SCHEMA
+
+
+def test_v1_upgrade_errors_say_so() -> None:
+    document = copy.deepcopy(_V1)
+    document["contact"]["payload"] = '{"email": 5}'  # merged, then the v2 shape refuses it
+    with pytest.raises(DecodeError) as info:
+        decode(orjson.dumps(document))
+    assert info.value.args == ("v1 upgrade: contact.email: string_type",)
+    assert info.value.reason is Reason.INVALID_FIELD
+
+
+def test_contacts_show_only_their_reference_in_repr() -> None:
+    from proca_sync.messages.schemas import Contact, ContactV1
+
+    contact = Contact(contact_ref="ref1", email="jane@example.org", first_name="Jane")
+    assert repr(contact) == "Contact(contact_ref='ref1')"
+    legacy = ContactV1(ref="ref2", email="jane@example.org", payload='{"a": 1}')
+    assert repr(legacy) == "ContactV1(ref='ref2')"
+
+
+def test_to_wire_gives_plain_json_types(load_fixture: Loader) -> None:
+    from proca_sync.messages import to_wire
+
+    wire = to_wire(decode(load_fixture("petition_optin.json")))
+    assert type(wire["stage"]) is str  # not the Stage enum: the dict is plain JSON data
+    assert wire == orjson.loads(orjson.dumps(wire))

@@ -239,3 +239,27 @@ def test_after_discard_the_oldest_remaining_head_is_taken_first() -> None:
     # a's queue entry still names old-a1's place (first); a3 is younger than b2
     assert lanes.take(1) == [("b", "b2")]
     assert lanes.take(1) == [("a", "a3")]
+
+
+def test_ready_is_false_while_the_only_queued_lane_is_busy() -> None:
+    """A discard re-queues a lane whose earlier queue entry is still there; once the lane
+    is taken, that leftover entry must not make ``ready`` say yes (the runner would wake
+    its workers for nothing)."""
+    lanes: Lanes[str] = Lanes()
+    lanes.push("a", "a1")
+    lanes.push("a", "old-a2")
+    lanes.discard(lambda item: item.startswith("old"))  # a queued twice for a1
+    assert lanes.take(1) == [("a", "a1")]
+    assert not lanes.ready  # the second entry names a busy lane
+    assert lanes.take(10) == []
+    lanes.release("a")
+    assert lanes.ready
+
+
+def test_discard_looks_at_every_lane_after_one_without_a_match() -> None:
+    lanes: Lanes[str] = Lanes()
+    for lane, item in [("a", "a1"), ("b", "old-b1"), ("c", "c1"), ("d", "old-d1")]:
+        lanes.push(lane, item)
+    assert lanes.discard(lambda item: item.startswith("old")) == ["old-b1", "old-d1"]
+    assert len(lanes) == 2
+    assert lanes.take(10) == [("a", "a1"), ("c", "c1")]
