@@ -252,6 +252,11 @@ def analysis_values(doc: dict[str, Any]) -> dict[str, str]:
     put("pg_w2_target", None if not peer_enc else 2 * peer_enc, ",.0f")
     put("null_target", None if not peer else 0.6 * peer, ",.0f")
     put("null_target_us", None if not peer else 1e6 / (0.6 * peer), ".0f")
+    put("null_short", None if not (null and peer) else max(0.0, 100 - null / peer / 0.6 * 100),
+        ".0f")
+    w2 = rate.get("proca-postgres-w2")
+    put("pg_w2_short",
+        None if not (w2 and peer_enc) else max(0.0, 100 - w2 / peer_enc / 2 * 100), ".0f")
     put("peer_enc", peer_enc, ",.0f")
     mem = doc["cases"].get("memory-1m") or {}
     put("growth", mem.get("growth_bytes_per_message"), ".0f")
