@@ -25,13 +25,8 @@ L = str(LIST_ID)
 
 @pytest.fixture
 async def emu(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ActiveCampaignEmulator]:
-    monkeypatch.setenv(DRIVER.key_env, DRIVER.key)
-    emulator = DRIVER.make(rate_limited=False)
-    await emulator.start()
-    try:
+    async with DRIVER.serving(monkeypatch) as emulator:
         yield emulator
-    finally:
-        await emulator.stop()
 
 
 def make(emu: ActiveCampaignEmulator, **extra: Any) -> ActiveCampaignDestination:

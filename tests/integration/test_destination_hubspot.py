@@ -18,13 +18,8 @@ from tests.support.saas_views import action, batch, contact, push_until_done
 
 @pytest.fixture
 async def emu(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HubSpotEmulator]:
-    monkeypatch.setenv(DRIVER.key_env, DRIVER.key)
-    emulator = DRIVER.make(rate_limited=False)
-    await emulator.start()
-    try:
+    async with DRIVER.serving(monkeypatch) as emulator:
         yield emulator
-    finally:
-        await emulator.stop()
 
 
 def make(emu: HubSpotEmulator, **extra: Any) -> HubSpotDestination:

@@ -43,13 +43,8 @@ def export(url: str) -> dict[str, Any]:
 
 @pytest.fixture
 async def toy(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv(DRIVER.key_env, DRIVER.key)
-    emulator = DRIVER.make(rate_limited=False)
-    await emulator.start()
-    try:
+    async with DRIVER.serving(monkeypatch) as emulator:
         yield emulator
-    finally:
-        await emulator.stop()
 
 
 def config(emulator: ToyEmulator) -> dict[str, Any]:

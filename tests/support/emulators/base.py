@@ -25,7 +25,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,6 +341,18 @@ class Driver:
 
     def make(self, *, latency: float = 0.0, rate_limited: bool = True) -> Emulator:
         raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def serving(self, environ: Any) -> AsyncIterator[Any]:
+        """An emulator without its quota, started on this loop, with the API key set in
+        ``environ`` (pytest's ``monkeypatch``): a vendor test's fixture."""
+        environ.setenv(self.key_env, self.key)
+        emulator = self.make(rate_limited=False)
+        await emulator.start()
+        try:
+            yield emulator
+        finally:
+            await emulator.stop()
 
     def config(self, emulator: Emulator) -> dict[str, Any]:
         raise NotImplementedError
