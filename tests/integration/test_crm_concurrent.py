@@ -157,3 +157,47 @@ def test_a_deadlock_is_retried_inside_the_backend(pg_url: str) -> None:
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.postgres
+def test_a_batch_holds_row_locks_on_every_contact_it_reaches(pg_url: str) -> None:
+    """lock_batch locks, before the merge reads, each contact a record reaches by its
+    refs or e-mails (or its action id: a redelivered action whose contact was merged
+    away) — and no other: another transaction cannot lock or change those rows until
+    the batch commits, and still can the rest."""
+    import psycopg
+
+    from proca_sync.crm.base import NullBackend
+    from proca_sync.crm.sql.writer import _Statements, lock_batch
+    from tests.support.builders import action, dumps
+
+    created = "2024-05-01T10:00:00Z"
+    known = [action(100 + n, ref=f"ref{n:04d}".ljust(43, "x"), email=f"p{n}@example.org",
+                    created=created) for n in range(4)]
+    engine = Engine(backend=NullBackend())
+    stored = [engine.prepare(dumps(m)) for m in known]
+    with SqlBackend(pg_url) as backend:
+        backend.apply_sync([r for r in stored if isinstance(r, SyncRecord)])
+    # A batch reaching contact 0 by its ref, contact 1 by its e-mail only (a new ref) and
+    # contact 2 by its action redelivered; contact 3 is not named.
+    batch = [
+        action(200, ref="ref0000".ljust(43, "x"), email=None, created=created),
+        action(201, ref="new1".ljust(43, "x"), email="p1@example.org", created=created),
+        known[2],
+    ]
+    records = [r for r in (engine.prepare(dumps(m)) for m in batch) if isinstance(r, SyncRecord)]
+    with psycopg.connect(pg_url) as holder, psycopg.connect(pg_url) as other:
+        with holder.cursor() as cursor:
+            assert lock_batch(cursor, _Statements("postgresql"), records) == 3
+        ids = [row[0] for row in other.execute("SELECT id FROM contacts ORDER BY id")]
+        assert len(ids) == 4
+        locked = []
+        for contact_id in ids:
+            try:
+                other.execute("SELECT id FROM contacts WHERE id = %s FOR UPDATE NOWAIT",
+                              (contact_id,))
+            except psycopg.errors.LockNotAvailable:
+                locked.append(contact_id)
+            other.rollback()
+        holder.rollback()
+    assert locked == ids[:3]
