@@ -97,10 +97,38 @@ def base_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory / "crm.db"
 
 
+@pytest.fixture(scope="module")
+def short_base_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("short-ledger")
+    asyncio.run(replay(f"sqlite:///{directory / 'crm.db'}", stream(150, seed=5)))
+    return directory / "crm.db"
+
+
+# Quick mode: the tests whose push is long for a destination without a batch API (Action
+# Network: three requests per contact, one contact per request) take a quarter of the
+# quick stream; what they assert does not depend on its length. The full mode gives
+# every test the whole stream.
+ONE_BY_ONE = {"actionnetwork"}
+SHORT_IN_QUICK_MODE = {
+    "test_faults_mid_push_lose_nothing_and_duplicate_nothing",
+    "test_steady_state_rate_stays_under_the_configured_limit",
+    "test_five_sigkills_of_push_follow_leave_the_exact_final_state",
+}
+
+
 @pytest.fixture
-def ledger(base_ledger: Path, tmp_path: Path) -> str:
+def ledger(request: pytest.FixtureRequest, base_ledger: Path, tmp_path: Path) -> str:
     """A copy of the module's ledger (the stream replayed, nothing pushed)."""
-    for path in base_ledger.parent.glob("crm.db*"):
+    base = base_ledger
+    callspec = getattr(request.node, "callspec", None)
+    if (
+        not FULL
+        and callspec is not None
+        and set(callspec.params.values()) & ONE_BY_ONE
+        and request.node.originalname in SHORT_IN_QUICK_MODE
+    ):
+        base = request.getfixturevalue("short_base_ledger")
+    for path in base.parent.glob("crm.db*"):
         shutil.copy(path, tmp_path / path.name)
     return f"sqlite:///{tmp_path / 'crm.db'}"
 
@@ -460,8 +488,13 @@ async def test_steady_state_rate_stays_under_the_configured_limit(
     assert result.caught_up
     hits = emulator.call(lambda: len(emulator.hits))
     assert hits > (10 if FULL else 2)
-    # A token bucket of burst 1 at `rate` lets at most rate + 1 requests into any second.
-    assert emulator.call(lambda: emulator.max_rate(1.0)) <= rate + 1
+    # A token bucket of burst 1 at `rate` lets at most rate × w + 1 requests leave in any
+    # w seconds; they reach the emulator with the scheduling and connection jitter of two
+    # processes on a loaded machine, which can bring one request of the next slot forward
+    # into the window (CI saw 17 in one second at 15/s). Over two seconds that is at most
+    # 2 × rate + 2 — while a limiter off by a single request per second would exceed it.
+    window = 2.0
+    assert emulator.call(lambda: emulator.max_rate(window)) * window <= rate * window + 2
     assert emulator.call(emulator.throttled_count) == 0
 
 
