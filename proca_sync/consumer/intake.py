@@ -39,7 +39,8 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 from aio_pika.robust_connection import RobustConnection
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp import commands as spec
 
 from proca_sync.config import ConsumerSettings
 from proca_sync.errors import ConfigError, TransientError
@@ -238,6 +239,31 @@ class AckBook:
             self._settled.add(single)
         self._to_ack.clear()
         return frames
+
+
+async def send_acks(channel: aiormq.abc.AbstractChannel, acks: list[tuple[int, bool]]) -> None:
+    """Send ``acks`` (tag, multiple) on ``channel`` as one write, drained once.
+
+    ``basic_ack`` writes and drains each frame on its own: with several batches running,
+    most acks sit behind another batch's gap and go out one frame each, so that was a
+    socket write and a few event-loop turns per message. The frames are aiormq's own
+    (``ChannelFrame`` of ``Basic.Ack`` methods, queued as ``basic_ack`` queues them), the
+    drain future is the channel's (failed when the channel closes)."""
+    if len(acks) == 1 or not isinstance(channel, aiormq.Channel):
+        for tag, multiple in acks:
+            await channel.basic_ack(tag, multiple=multiple)
+        return
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    drained = channel.create_future()
+    await channel.write_queue.put(
+        ChannelFrame.marshall(
+            channel_number=channel.number,
+            frames=[spec.Basic.Ack(delivery_tag=tag, multiple=multiple) for tag, multiple in acks],
+            drain_future=drained,
+        )
+    )
+    await drained
 
 
 # ---- deliveries -----------------------------------------------------------------------------
@@ -443,14 +469,15 @@ class Intake:
             if channel.is_closed:
                 self._books.pop(channel, None)
                 continue
-            for tag, multiple in book.frames(singles=singles or book.pending >= hold_limit):
-                try:
-                    await channel.basic_ack(tag, multiple=multiple)
-                except aiormq.exceptions.AMQPError:
-                    # The channel died meanwhile: the broker requeued these messages; their
-                    # redelivery is recognised as a duplicate by the CRM.
-                    self._books.pop(channel, None)
-                    break
+            acks = book.frames(singles=singles or book.pending >= hold_limit)
+            if not acks:
+                continue
+            try:
+                await send_acks(channel, acks)
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError):
+                # The channel died meanwhile: the broker requeued these messages; their
+                # redelivery is recognised as a duplicate by the CRM.
+                self._books.pop(channel, None)
 
     async def reject(self, delivery: Delivery) -> bool:
         """Reject without requeue: the dead-letter circuit brings it back later."""
