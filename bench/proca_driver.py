@@ -29,6 +29,7 @@ from pathlib import Path
 
 import orjson
 
+from proca_sync import aio
 from proca_sync.cli import configure_logging
 from proca_sync.config import ConsumerSettings
 from proca_sync.consumer.parking import ParkingStore
@@ -146,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = ConsumerSettings(**options)  # type: ignore[arg-type]
     configure_logging("INFO")
     if args.workers > 1:
-        result = asyncio.run(drive_workers(settings, args.n, args.workers))
+        result = aio.run(drive_workers(settings, args.n, args.workers))
     else:
-        result = asyncio.run(drive(settings, args.n, log_each=not args.quiet))
+        result = aio.run(drive(settings, args.n, log_each=not args.quiet))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
 

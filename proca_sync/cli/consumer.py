@@ -8,7 +8,6 @@ PROCA_PASSWORD (or an --env-file), never from argv, and are never printed.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +16,7 @@ import orjson
 import typer
 from rich.table import Table
 
+from proca_sync import aio
 from proca_sync.cli.common import (
     CaFileOption,
     CrmOption,
@@ -238,6 +238,7 @@ def run_consumer(
             ExitStatus.CONFIG,
         )
     try:
+        aio.loop_factory()
         settings.ssl_context()
         keystore = Keystore.load(keys) if keys is not None else None
         check_store_url(parked, what="parking store")
@@ -255,12 +256,12 @@ def run_consumer(
             setup_logging=configure_logging, log_each=console is None,
             erasure_key=erasure_key,
         )  # fmt: skip
-        code, all_stats = asyncio.run(alongside(supervisor.run(console=console), pushers))
+        code, all_stats = aio.run(alongside(supervisor.run(console=console), pushers))
         totals = all_stats.totals()
         status = ExitStatus(code)
     else:
         try:
-            status, stats = asyncio.run(
+            status, stats = aio.run(
                 alongside(
                     serve(
                         settings,

@@ -41,6 +41,7 @@ from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.live import Live
 
+from proca_sync.aio import loop_kind
 from proca_sync.config import ConsumerSettings, RetryMode
 from proca_sync.consumer.breaker import Breaker, BreakerState
 from proca_sync.consumer.intake import Delivery, Intake
@@ -184,6 +185,7 @@ class Consumer:
                 "concurrency": self.settings.concurrency,
                 "prefetch": self.settings.effective_prefetch,
                 "retry_mode": self.retry_mode.value, "max_retries": self.settings.max_retries,
+                "loop": loop_kind(asyncio.get_running_loop()),
             }},
         )
         workers = [

@@ -53,6 +53,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from proca_sync import aio
 from proca_sync.config import ConsumerSettings
 from proca_sync.consumer.status import HealthServer
 
@@ -121,7 +122,7 @@ def _worker_main(
     spec.setup_logging(spec.log_level)
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    sys.exit(asyncio.run(_worker(spec, conn, settled)))
+    sys.exit(aio.run(_worker(spec, conn, settled)))
 
 
 async def _worker(

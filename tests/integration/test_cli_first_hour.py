@@ -459,3 +459,14 @@ async def test_run_with_a_missing_postgres_database_exits_2_creating_nothing(
     assert result.returncode == 2, result.stderr  # type: ignore[attr-defined]
     assert "does not exist" in result.stderr  # type: ignore[attr-defined]
     assert await asyncio.to_thread(os.listdir, tmp_path) == []
+
+
+def test_an_unknown_event_loop_exits_2_before_connecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROCA_EVENT_LOOP", "trio")
+    result = invoke("run", "--queue", "cus.1.deliver", "--url", "amqp://127.0.0.1:1/")
+    assert result.exit_code == 2, result.output
+    assert "PROCA_EVENT_LOOP must be auto, uvloop or asyncio" in one_line(result.output)
+    assert list(tmp_path.iterdir()) == [], "nothing may be created"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import random
 import signal
@@ -200,6 +201,9 @@ async def test_parking_cut_short_by_a_lost_channel_is_not_lost_count(
     port = process.event("metrics")[0]["port"]
     # `run` connects to the broker, then opens its stores: lock only once it consumes.
     await eventually(lambda: bool(process.event("started")), within=30, what="consuming")
+    # `run` consumes on uvloop's event loop when it is installed (proca_sync/aio.py).
+    expected_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    assert process.event("started")[0]["loop"] == expected_loop
     locker = sqlite3.connect(parked_file, isolation_level=None, timeout=1)
     locker.execute("BEGIN EXCLUSIVE")
     try:
