@@ -89,6 +89,14 @@ class BrevoConfig(DestinationConfig):
     )
     events: bool = False
     event_prefix: str = "proca_"
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        description="Pushes in flight at once (each may hold an import being processed "
+        "and polled); they hold distinct contacts, and the 10 requests/s bucket paces "
+        "their requests.",
+    )
 
 
 def brevo_retry_after(response: ApiResponse) -> float | None:
@@ -115,6 +123,8 @@ class BrevoDestination:
         self.config = config
         key = config.api_key()
         self.max_batch = config.batch_size or 5000
+        self.concurrency = config.concurrency
+        """Batches the pusher keeps in flight (see :class:`BrevoConfig`)."""
         common: dict[str, Any] = {
             "name": name,
             "base_url": config.base_url or "https://api.brevo.com/v3",
