@@ -298,17 +298,21 @@ def markdown(doc: dict[str, Any]) -> list[str]:
         "the per-message figure; ≥ 80 % of the rate limit used; 429s ≤ 1 % of requests.",
         "",
         "| destination | contacts | pusher contacts/s | per-message contacts/s | ratio | "
-        "requests/s | rate limit | share used | batch | 429s | bounded by |",
+        "requests/s | limit | share used | batch × in flight | 429s | bounded by |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in doc["rows"]:
         p, b = row["pusher"], row["per_message"]
-        share = p.get("rate_share")
+        # A limit that is not a request rate (Mailchimp's 10 connections): the row names
+        # it and the share of it used (connections busy on average).
+        limit = row.get("limit", p["rate"])
+        share = row.get("limit_share", p.get("rate_share"))
         out.append(
             f"| {row['destination']} | {row.get('contacts', doc['contacts']):,} "
             f"| {p['contacts_per_s']:,.1f} | {b['contacts_per_s']:.2f} "
-            f"| {row['ratio']}× | {p['requests_per_s']:.1f} | {p['rate'] or '–'} | "
-            f"{'–' if share is None else f'{share:.0%}'} | {p['max_batch']} | "
+            f"| {row['ratio']}× | {p['requests_per_s']:.1f} | {limit or '–'} | "
+            f"{'–' if share is None else f'{share:.0%}'} | "
+            f"{p['max_batch']} × {p.get('concurrency', 1)} | "
             f"{p['throttled']} | {row.get('bound', '–')} |"
         )
     if doc.get("note"):
