@@ -328,12 +328,17 @@ class BrevoDestination:
         process = int(answer.body["processId"])
         delay = self.config.poll_interval
         while True:
-            if self._poll_budget() < 3:  # keep a few polls to confirm deferred imports
-                # The hour's polls are spent (a large backfill): the import is trusted to
-                # complete, confirmed before any later write to one of its contacts.
-                self._outstanding[process] = list(members)
-                return
-            await asyncio.sleep(delay)  # the process runs on Brevo's side
+            # Checked before the wait, and again right before the poll takes its place in
+            # the budget (no await in between): the imports of other pushes in flight,
+            # polled meanwhile, cannot spend the reserve.
+            for wait in (True, False):
+                if self._poll_budget() < 3:  # keep a few polls to confirm deferred imports
+                    # The hour's polls are spent (a large backfill): the import is trusted
+                    # to complete, confirmed before any later write to one of its contacts.
+                    self._outstanding[process] = list(members)
+                    return
+                if wait:
+                    await asyncio.sleep(delay)  # the process runs on Brevo's side
             answer = await self._poll(f"/processes/{process}")
             status = str(answer.body.get("status", ""))
             if status == "completed":
