@@ -365,7 +365,9 @@ class BrevoDestination:
                     entry = (await self._poll(f"/processes/{process}")).body
                 if entry is None or entry.get("status") != "completed":
                     continue
-                members = self._outstanding.pop(process)
+                members = self._outstanding.pop(process, None)
+                if members is None:
+                    continue  # confirmed meanwhile by another push in flight
                 if _reported_problems(entry.get("info")):
                     late = PushReport()
                     await self._all(
