@@ -89,6 +89,14 @@ class BrevoConfig(DestinationConfig):
     )
     events: bool = False
     event_prefix: str = "proca_"
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        description="Pushes in flight at once (each may hold an import being processed "
+        "and polled); they hold distinct contacts, and the 10 requests/s bucket paces "
+        "their requests.",
+    )
 
 
 def brevo_retry_after(response: ApiResponse) -> float | None:
@@ -115,6 +123,8 @@ class BrevoDestination:
         self.config = config
         key = config.api_key()
         self.max_batch = config.batch_size or 5000
+        self.concurrency = config.concurrency
+        """Batches the pusher keeps in flight (see :class:`BrevoConfig`)."""
         common: dict[str, Any] = {
             "name": name,
             "base_url": config.base_url or "https://api.brevo.com/v3",
@@ -318,12 +328,17 @@ class BrevoDestination:
         process = int(answer.body["processId"])
         delay = self.config.poll_interval
         while True:
-            if self._poll_budget() < 3:  # keep a few polls to confirm deferred imports
-                # The hour's polls are spent (a large backfill): the import is trusted to
-                # complete, confirmed before any later write to one of its contacts.
-                self._outstanding[process] = list(members)
-                return
-            await asyncio.sleep(delay)  # the process runs on Brevo's side
+            # Checked before the wait, and again right before the poll takes its place in
+            # the budget (no await in between): the imports of other pushes in flight,
+            # polled meanwhile, cannot spend the reserve.
+            for wait in (True, False):
+                if self._poll_budget() < 3:  # keep a few polls to confirm deferred imports
+                    # The hour's polls are spent (a large backfill): the import is trusted
+                    # to complete, confirmed before any later write to one of its contacts.
+                    self._outstanding[process] = list(members)
+                    return
+                if wait:
+                    await asyncio.sleep(delay)  # the process runs on Brevo's side
             answer = await self._poll(f"/processes/{process}")
             status = str(answer.body.get("status", ""))
             if status == "completed":
@@ -350,7 +365,9 @@ class BrevoDestination:
                     entry = (await self._poll(f"/processes/{process}")).body
                 if entry is None or entry.get("status") != "completed":
                     continue
-                members = self._outstanding.pop(process)
+                members = self._outstanding.pop(process, None)
+                if members is None:
+                    continue  # confirmed meanwhile by another push in flight
                 if _reported_problems(entry.get("info")):
                     late = PushReport()
                     await self._all(

@@ -89,6 +89,13 @@ class MailchimpConfig(DestinationConfig):
     )
     poll_interval: float = Field(default=0.5, gt=0)
     max_connections: int = Field(default=10, ge=1, le=10)
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        description="Pushes in flight at once (each waits for its batch operation); they "
+        "hold distinct contacts and share the max_connections.",
+    )
     erasure: Literal["delete-permanent", "archive"] = "delete-permanent"
 
 
@@ -127,6 +134,8 @@ class MailchimpDestination:
         key = config.api_key()
         base_url = config.base_url or _base_url_from_key(key)
         self.max_batch = config.batch_size or 2000
+        self.concurrency = config.concurrency
+        """Batches the pusher keeps in flight (see :class:`MailchimpConfig`)."""
         limiter = RateLimiter(config.rate or 100.0, config.burst or 10)
         common: dict[str, Any] = {
             "name": name,
@@ -155,8 +164,13 @@ class MailchimpDestination:
         self._slots = asyncio.Semaphore(config.max_connections)
         self._unfinished: set[str] = set()
         """Batch operations started and not seen finished (a push was interrupted)."""
+        self._polling: set[str] = set()
+        """Batch operations a push in flight is waiting for (of its own contacts)."""
         self._list = f"/lists/{config.list_id}"
         self._segments: dict[str, int] | None = None
+        self._segments_lock = asyncio.Lock()
+        """One look-up or creation of tags at a time: pushes in flight together would
+        otherwise create the same tag twice (the second refused)."""
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -333,7 +347,13 @@ class MailchimpDestination:
         await self._all(jobs, report, keys)
 
     async def _segment_ids(self, names: Iterable[str]) -> dict[str, int]:
-        if self._segments is None:
+        async with self._segments_lock:
+            return await self._segment_ids_locked(names)
+
+    async def _segment_ids_locked(self, names: Iterable[str]) -> dict[str, int]:
+        # A local reference: another push may drop ``_segments`` meanwhile (a vanished tag).
+        segments = self._segments
+        if segments is None:
             known: dict[str, int] = {}
             offset = 0
             while True:
@@ -351,9 +371,9 @@ class MailchimpDestination:
                 offset += len(page)
                 if not page or offset >= int(answer.body.get("total_items", 0)):
                     break
-            self._segments = known
+            self._segments = segments = known
         for name in names:
-            if name not in self._segments:
+            if name not in segments:
                 answer = await self._call(
                     "POST", f"{self._list}/segments", json={"name": name, "static_segment": []}
                 )
@@ -363,8 +383,8 @@ class MailchimpDestination:
                     raise BackendUnavailableError(
                         f"{self.name}: POST /lists/{{id}}/segments answered {answer.status}"
                     )
-                self._segments[name] = int(answer.body["id"])
-        return self._segments
+                segments[name] = int(answer.body["id"])
+        return segments
 
     async def _add_to_segment(
         self, segment: int, chunk: Sequence[ContactView], report: PushReport
@@ -409,8 +429,11 @@ class MailchimpDestination:
                 report.failed[action.key] = report.failed[contact.key]
             else:
                 per_contact[action.contact_id].append(action)
-        for batch_id in sorted(self._unfinished):
-            await self._finished(batch_id)  # its events must be visible to the look-ups
+        # An interrupted push's operation: its events must be visible to the look-ups.
+        # (Those another push in flight is waiting for are of other contacts: the pusher
+        # never has one contact in two pushes at once.)
+        for batch_id in sorted(self._unfinished - self._polling):
+            await self._finished(batch_id)
         bulk = [a for c, acts in per_contact.items() if contacts[c].email in fresh for a in acts]
         if len(bulk) >= self.config.batch_events_from:
             for c in [c for c in per_contact if contacts[c].email in fresh]:
@@ -461,7 +484,11 @@ class MailchimpDestination:
             return
         batch_id = str(answer.body["id"])
         self._unfinished.add(batch_id)
-        status = await self._finished(batch_id)
+        self._polling.add(batch_id)
+        try:
+            status = await self._finished(batch_id)
+        finally:
+            self._polling.discard(batch_id)
         if int(status.get("errored_operations") or 0) == 0:
             return
         by_id = {str(a.action_id): a for a in actions}

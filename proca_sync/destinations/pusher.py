@@ -116,7 +116,7 @@ class Pusher:
         include_testing: bool = False,
         batch_size: int | None = None,
         lease_ttl: float = DEFAULT_LEASE_TTL,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
         breaker: Breaker | None = None,
         max_delay: float = 30.0,
     ) -> None:
@@ -127,12 +127,15 @@ class Pusher:
         self.include_testing = include_testing
         self.batch_size = max(1, min(destination.max_batch, batch_size or destination.max_batch))
         self.lease_ttl = lease_ttl
-        self.window = window
         self.breaker = breaker or Breaker(threshold=3, base_delay=0.5, max_delay=max_delay)
         self.max_delay = max_delay
         self.concurrency = max(1, int(getattr(destination, "concurrency", 1)))
         """Batches in flight at once: the connector's ``concurrency`` attribute, if any
         (how many requests its API takes in parallel; its rate limiter still paces them)."""
+        self.window = window or max(DEFAULT_WINDOW, 2 * self.concurrency * self.batch_size)
+        """Changes read per round: by default enough for ``concurrency`` full batches (a
+        contact's change and its action's, two a contact; the batches of one window hold
+        distinct contacts, so they may all be in flight at once)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stats = PusherStats()
         self.progress: Callable[[PusherStats], None] | None = None

@@ -5,6 +5,7 @@ the x-sib-ratelimit headers, 5xx, timeouts, erasure."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -203,3 +204,33 @@ async def test_unknown_list_is_a_config_error(
             await destination.ping()
     finally:
         await destination.close()
+
+
+async def test_pushes_in_flight_together_never_spend_the_poll_reserve(
+    emu: BrevoEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four pushes at once (what ``concurrency`` does), each with an import to poll, and a
+    budget of five polls: three go to imports (each completed at its first poll), the
+    fourth import is deferred, and the last two polls stay for confirming it (one push at
+    a time never had two imports check the budget before either polled)."""
+    emu.import_delay = 0.0
+    destination = make(
+        emu, monkeypatch, import_threshold=2, poll_budget=5, poll_interval=0.2, concurrency=4
+    )
+    groups = [
+        [contact(i, f"p{i}@example.org") for i in (2 * n + 1, 2 * n + 2)] for n in range(4)
+    ]
+    await destination.open()
+    try:
+        reports = await asyncio.gather(*(destination.push(Batch(contacts=g)) for g in groups))
+        assert all(r.failed == {} for r in reports)
+        polled = sum(1 for h in emu.hits if h.path.startswith("/v3/processes/"))
+        assert polled == 3  # then fewer than 3 polls were left: the last import deferred
+        # A later write to a deferred import's contact confirms it first, within budget.
+        late = contact(1, "p1@example.org", subscribed=False, email_status="unsub")
+        assert (await destination.push(Batch(contacts=[late]))).failed == {}
+    finally:
+        await destination.close()
+    state = emu.state()
+    assert len(state) == 8 and state["p1@example.org"]["blocklisted"]
+    assert sum(1 for h in emu.hits if h.path.startswith("/v3/processes")) <= 5

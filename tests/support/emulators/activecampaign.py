@@ -64,6 +64,8 @@ class ActiveCampaignEmulator(Emulator):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._ids = 100
+        self._by_email: dict[str, str] = {}
+        """Address → contact id (addresses never change once created)."""
 
     def touch(self, cid: str) -> None:
         """Any change to a contact (fields, list status, tags) moves its ``udate``."""
@@ -110,11 +112,22 @@ class ActiveCampaignEmulator(Emulator):
     # ---- model -------------------------------------------------------------------------
 
     def by_email(self, email: str) -> dict[str, Any] | None:
+        # An index, not a scan of every contact: a 100,000-contact backfill looked each
+        # address up in all the contacts before it (quadratic: the emulator, not the
+        # connector, was the bound). A contact's address never changes once created.
         email = email.strip().lower()
-        for contact in self.contacts.values():
-            if contact["email"] == email:
-                return contact
-        return None
+        index = self._by_email
+        if len(index) < len(self.contacts):  # contacts added some other way
+            index.clear()
+            index.update(
+                {str(c["email"]): cid for cid, c in self.contacts.items()}
+            )
+        cid = index.get(email)
+        contact = None if cid is None else self.contacts.get(cid)
+        if contact is None or contact["email"] != email:
+            index.pop(email, None)  # deleted (or never there)
+            return None
+        return contact
 
     def _upsert(
         self, email: str, values: dict[str, str], custom: dict[str, str]
@@ -131,6 +144,7 @@ class ActiveCampaignEmulator(Emulator):
                 "fields": {},
             }
             self.contacts[contact["id"]] = contact
+            self._by_email[email.strip().lower()] = contact["id"]
         contact.update({k: v for k, v in values.items() if v is not None})
         contact["fields"].update(custom)
         self.touch(contact["id"])

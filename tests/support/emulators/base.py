@@ -109,6 +109,14 @@ class Emulator:
     def __post_init__(self) -> None:
         self.url = ""
         self.in_flight = 0
+        self.peak_in_flight = 0
+        """The most requests ever in flight at once (what a client kept busy)."""
+        self.peaks: dict[str, int] = {}
+        """Per ``"METHOD /path"``: the most requests to it in flight at once."""
+        self._routes: dict[str, int] = {}
+        self.connection_seconds = 0.0
+        """Seconds of requests in flight, summed (connection-seconds: over the wall time,
+        the connections kept busy on average)."""
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -215,10 +223,16 @@ class Emulator:
             self.hits[index] = Hit(request.method, request.path, refused.status, now)
             return refused
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        route = f"{request.method} {request.path}"
+        self._routes[route] = self._routes.get(route, 0) + 1
+        self.peaks[route] = max(self.peaks.get(route, 0), self._routes[route])
         try:
             return await self._serve(request, handler, index, now)
         finally:
             self.in_flight -= 1
+            self._routes[route] -= 1
+            self.connection_seconds += time.monotonic() - now
 
     async def _serve(
         self, request: web.Request, handler: Handler, index: int, now: float

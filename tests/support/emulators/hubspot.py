@@ -90,6 +90,8 @@ class HubSpotEmulator(Emulator):
         super().__post_init__()
         self._ids = 1000
         self._daily = 0
+        self._by_email: dict[str, str] = {}
+        """Address → contact id (addresses never change once created)."""
 
     # ---- base hooks --------------------------------------------------------------------
 
@@ -152,11 +154,22 @@ class HubSpotEmulator(Emulator):
     # ---- helpers -----------------------------------------------------------------------
 
     def by_email(self, email: str) -> dict[str, Any] | None:
+        # An index, not a scan of every contact: a 100,000-contact backfill looked each
+        # address up in all the contacts before it (quadratic: the emulator, not the
+        # connector, was the bound). A contact's address never changes once created.
         email = email.strip().lower()
-        for contact in self.contacts.values():
-            if contact["properties"].get("email") == email:
-                return contact
-        return None
+        index = self._by_email
+        if len(index) < len(self.contacts):  # contacts added some other way
+            index.clear()
+            index.update(
+                {str(c["properties"].get("email")): cid for cid, c in self.contacts.items()}
+            )
+        cid = index.get(email)
+        contact = None if cid is None else self.contacts.get(cid)
+        if contact is None or contact["properties"].get("email") != email:
+            index.pop(email, None)  # deleted (or never there)
+            return None
+        return contact
 
     async def _inputs(self, request: web.Request) -> list[Any] | web.Response:
         try:
@@ -248,6 +261,7 @@ class HubSpotEmulator(Emulator):
                     "notes": [],
                 }
                 self.contacts[cid] = contact
+                self._by_email[email.strip().lower()] = cid
             contact["properties"].update({k: str(v) for k, v in props.items()})
             contact["properties"]["lastmodifieddate"] = now
             contact["updatedAt"] = now
