@@ -210,6 +210,7 @@ def analysis_values(doc: dict[str, Any]) -> dict[str, str]:
     put("peer_clear", peer, ",.0f")
     put("peer_clear_cores", _cores(doc, "peer-clear"), ".2f")
     put("peer_clear_broker", _cores(doc, "peer-clear", "broker_cores"), ".2f")
+    put("peer_clear_us", _us_per_message(doc, "peer-clear"), ".0f")
     put("budget_us", None if not peer else 1e6 / peer, ".0f")
     null, sqlite, pg = rate.get("proca-null"), rate.get("proca-sqlite"), rate.get("proca-postgres")
     put("null_rate", null, ",.0f")
