@@ -401,7 +401,7 @@ class ActionNetworkEmulator(Emulator):
         )
 
 
-STRIPPED = {
+STRIPPED: dict[str, Any] = {
     "given_name": None,
     "family_name": None,
     "postal_code": None,
