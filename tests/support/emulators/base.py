@@ -352,6 +352,9 @@ class Driver:
     type: str = ""
     key_env: str = ""
     key: str = ""
+    rate_limit: float | None = None
+    """The vendor's documented requests per second (the emulator's quota when
+    rate-limited); ``None``: no request-rate quota (none, or a connection cap)."""
 
     def make(self, *, latency: float = 0.0, rate_limited: bool = True) -> Emulator:
         raise NotImplementedError

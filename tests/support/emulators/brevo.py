@@ -292,6 +292,8 @@ class BrevoEmulator(Emulator):
 
 class BrevoDriver(Driver):
     type = "brevo"
+    rate_limit = 10.0
+    """The documented requests per second on ``/v3/contacts`` (General tier)."""
     key_env = "PROCA_TEST_BREVO_KEY"
     key = "xkeysib-emulator"
 

@@ -249,6 +249,7 @@ class ToyDriver(Driver):
     type = TOY_TYPE
     key_env = "TOY_API_KEY"
     key = ToyEmulator.key
+    rate_limit = 50.0
 
     def make(self, *, latency: float = 0.0, rate_limited: bool = True) -> Emulator:
         return ToyEmulator(latency=latency, limit=WindowLimit(50, 1.0) if rate_limited else None)
