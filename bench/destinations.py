@@ -37,6 +37,7 @@ import orjson
 from proca_sync.crm.sql import SqlBackend
 from proca_sync.destinations import destination_from_config
 from proca_sync.destinations.base import Batch, Destination
+from proca_sync.destinations.http import request_rate
 from proca_sync.destinations.pusher import Pusher
 from proca_sync.destinations.state import LedgerState
 from proca_sync.sync.records import ActionRecord, ConsentFact, ContactFacts, SyncRecord
@@ -105,12 +106,7 @@ def fill(url: str, contacts: int) -> None:
 def _rate_of(destination: Destination, table: dict[str, Any]) -> float | None:
     if table.get("rate"):
         return float(table["rate"])
-    for holder in (destination, getattr(destination, "client", None),
-                   getattr(destination, "_client", None)):
-        limiter = getattr(holder, "limiter", None)
-        if limiter is not None and getattr(limiter, "rate", None):
-            return float(limiter.rate)
-    return None
+    return request_rate(destination)
 
 
 async def pusher_run(url: str, table: dict[str, Any]) -> dict[str, Any]:

@@ -72,6 +72,18 @@ class RateLimiter:
                 await asyncio.sleep((1.0 - self._tokens) / self.rate)
 
 
+def request_rate(destination: object) -> float | None:
+    """The requests per second a destination's API client is held to (its configured
+    ``rate`` or the connector's default bucket); ``None`` without an HTTP client (the
+    files destinations). For the benchmarks and tests that size a push by it."""
+    for holder in (destination, getattr(destination, "client", None),
+                   getattr(destination, "_client", None)):
+        limiter = getattr(holder, "limiter", None)
+        if isinstance(limiter, RateLimiter):
+            return float(limiter.rate)
+    return None
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from an HTTP ``Retry-After`` value (delta-seconds or an HTTP date)."""
     if not value:

@@ -38,6 +38,7 @@ from proca_sync.cli import app
 from proca_sync.crm.sql import SqlBackend
 from proca_sync.crm.sql.changelog import load_erasure_key
 from proca_sync.destinations import destination_from_config
+from proca_sync.destinations.http import request_rate
 from proca_sync.destinations.pusher import Pusher, PushResult
 from proca_sync.destinations.state import LedgerState
 from proca_sync.engine import Engine
@@ -320,23 +321,12 @@ endpoint: a look-up and a signup per contact, one record per action)."""
 SAFETY = 2.0
 
 
-def rate_of(destination: Any) -> float | None:
-    """The requests per second the destination sends at (configured, or its client's
-    default bucket); ``None`` for the files destinations."""
-    for holder in (destination, getattr(destination, "client", None),
-                   getattr(destination, "_client", None)):
-        limiter = getattr(holder, "limiter", None)
-        if limiter is not None and getattr(limiter, "rate", None):
-            return float(limiter.rate)
-    return None
-
-
 def budget(url: str, table: dict[str, Any]) -> float:
     """Seconds a push of the ledger at ``url`` may take: the requests its contacts and
     actions cost at most, at the destination's rate, ``SAFETY`` times over (Action
     Network's 3.6 requests/s needs half an hour for the full stream), and never under
     ``MIN_BUDGET``."""
-    rate = rate_of(destination_from_config("dest", table))
+    rate = request_rate(destination_from_config("dest", table))
     if rate is None:
         return MIN_BUDGET
     with SqlBackend(url) as backend:
