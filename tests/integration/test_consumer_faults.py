@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import random
 import signal
 import sqlite3
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +17,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proca_sync.consumer.parking import ParkingStore
-from proca_sync.consumer.runner import ACK_HOLD
 from proca_sync.crm.sql import SqlBackend
 from proca_sync.sync.model import body_digest
 from tests.integration.conftest import (
@@ -57,6 +56,20 @@ def metric(port: int, name: str, **labels: str) -> float | None:
         for sample in family.samples:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
+    return None
+
+
+def unacked(rabbitmqctl: str, queue: str) -> int | None:
+    """The broker's count of the queue's delivered, unacknowledged messages."""
+    out = subprocess.run(
+        [rabbitmqctl, "list_queues", "-q", "--no-table-headers", "name",
+         "messages_unacknowledged"],
+        capture_output=True, text=True, timeout=30, check=False,
+    ).stdout
+    for line in out.splitlines():
+        name, _, count = line.strip().rpartition("\t")
+        if name == queue and count.isdigit():
+            return int(count)
     return None
 
 
@@ -283,6 +296,7 @@ async def test_second_signal_exits_at_once_and_nothing_is_lost(
 ) -> None:
     """A CRM that hangs: the first SIGTERM waits for the in-flight batch (up to the
     shutdown timeout), the second exits now (130); unacked messages return to the queue."""
+    rabbitmqctl = require_rabbitmqctl()
     stream = mixed_stream(contacts=5, per_contact=2, seed=15)
     clean = [b for b in stream.bodies if body_digest(b) not in stream.poison]
     await consumer_org.publish(clean)
@@ -316,7 +330,12 @@ async def test_second_signal_exits_at_once_and_nothing_is_lost(
         await eventually(
             lambda: ignored_settled(port) == stream.ignored, within=30, what="ignored messages"
         )
-        await asyncio.sleep(10 * ACK_HOLD)  # a held ack goes out on its own after ACK_HOLD
+        # ... and until the broker has their acks (held ones go out after ACK_HOLD).
+        await eventually(
+            lambda: unacked(rabbitmqctl, consumer_org.queue) == len(clean) - stream.ignored,
+            within=30,
+            what="the ignored messages' acks at the broker",
+        )
         process.signal(signal.SIGTERM)
         await eventually(lambda: bool(process.event("signal")), within=10, what="the first signal")
         assert process.proc is not None and process.proc.returncode is None  # still draining
