@@ -64,6 +64,47 @@ log = logging.getLogger("proca_sync.consumer")
 PING_TIMEOUT = 30.0
 ACK_HOLD = 0.05
 """Seconds an ack may wait for the gap before it to close (then it is sent alone)."""
+SUMMARY_EVERY = 1.0
+"""Seconds between the INFO lines that sum up the batches settled (one line per batch at
+a few thousand messages a second was a twentieth of the consumer's CPU)."""
+
+
+class BatchTally:
+    """What the batches settled since the last summary line did (counts only)."""
+
+    __slots__ = ("acked", "batches", "by_label", "held", "messages", "ms_max", "parked",
+                 "retried", "since")
+
+    def __init__(self, now: float) -> None:
+        self.since = now
+        self.batches = self.messages = self.acked = self.retried = self.parked = 0
+        self.held = 0
+        self.ms_max = 0.0
+        self.by_label: dict[str, int] = {}
+
+    def add(self, settled: Sequence[tuple[Delivery, Decision]], size: int, seconds: float) -> None:
+        self.batches += 1
+        self.messages += size
+        self.held += size - len(settled)
+        self.ms_max = max(self.ms_max, seconds * 1000)
+        labels = self.by_label
+        for _, decision in settled:
+            labels[decision.label] = labels.get(decision.label, 0) + 1
+            outcome = decision.outcome
+            if outcome is Outcome.ACK:
+                self.acked += 1
+            elif outcome is Outcome.RETRY:
+                self.retried += 1
+            else:
+                self.parked += 1
+
+    def fields(self, now: float) -> dict[str, Any]:
+        # The figures go in the fields only: a number in the text of a log line may look
+        # like someone's postcode to whoever greps the logs for one.
+        return {"event": "batches", "batches": self.batches, "messages": self.messages,
+                "acked": self.acked, "retried": self.retried, "parked": self.parked,
+                "held": self.held, "by_label": self.by_label,
+                "ms_max": round(self.ms_max, 1), "seconds": round(now - self.since, 2)}
 
 
 class ExitStatus(IntEnum):
@@ -136,6 +177,7 @@ class Consumer:
         self._flush_singles = False
         self._stopped = False
         self._probe_batch = False
+        self._tally = BatchTally(time.monotonic())
         self.stop_reason = ""
 
     # ---- public ---------------------------------------------------------------------------
@@ -336,24 +378,20 @@ class Consumer:
     def _log_batch(
         self, settled: list[tuple[Delivery, Decision]], size: int, seconds: float
     ) -> None:
-        """One INFO line per batch: how many of its messages went which way (counts only)."""
+        """Count a settled batch into the next summary line (INFO, every SUMMARY_EVERY s)."""
         if not log.isEnabledFor(logging.INFO):
             return
-        labels: dict[str, int] = {}
-        outcomes = {"ack": 0, "retry": 0, "park": 0}
-        for _, decision in settled:
-            labels[decision.label] = labels.get(decision.label, 0) + 1
-            outcomes[decision.outcome.value] = outcomes.get(decision.outcome.value, 0) + 1
-        held = size - len(settled)
-        # The figures go in the fields only: a number in the text of a log line may look
-        # like someone's postcode to whoever greps the logs for one.
-        log.info(
-            "batch settled",
-            extra={"fields": {"event": "batch", "size": size, "acked": outcomes["ack"],
-                              "retried": outcomes["retry"], "parked": outcomes["park"],
-                              "held": held, "by_label": labels,
-                              "ms": round(seconds * 1000, 1)}},
-        )  # fmt: skip
+        self._tally.add(settled, size, seconds)
+        self._log_summary(force=False)
+
+    def _log_summary(self, *, force: bool) -> None:
+        """One INFO line for the batches settled since the last one, when it is due."""
+        tally = self._tally
+        now = time.monotonic()
+        if tally.batches == 0 or (not force and now - tally.since < SUMMARY_EVERY):
+            return
+        self._tally = BatchTally(now)
+        log.info("batches settled", extra={"fields": tally.fields(now)})
 
     async def _apply_single(self, record: SyncRecord) -> ApplyResult | BaseException:
         try:
@@ -594,6 +632,7 @@ class Consumer:
                 elif idle:
                     self.request_stop("idle")
                     return
+            self._log_summary(force=False)
             if await self._sleep_or_stop(interval):
                 return
 
@@ -650,6 +689,7 @@ class Consumer:
         await self.intake.close()
         self.stats.set_connected(False)
         await self._close_stores()
+        self._log_summary(force=True)
         log.info("stopped (%s)", self.stop_reason,
                  extra={"fields": {"event": "stopped", "reason": self.stop_reason,
                                    **self.stats.totals()}})

@@ -81,8 +81,8 @@ async def test_stream_ends_like_replay(
     assert stopped["acked"] == len(stream.bodies) - len(stream.poison)
     assert stopped["parked"] == len(stream.poison)
     # At DEBUG one JSON line per outcome, with ids and reason codes — never personal
-    # data; a line per batch sums them up.
-    batches = process.event("batch")
+    # data; a summary line (one a second) sums up the batches.
+    batches = process.event("batches")
     # (Ignored messages and poison are settled on arrival, outside any batch.)
     assert sum(b["acked"] for b in batches) == stopped["acked"] - stream.ignored
     outcomes = process.event("message")
