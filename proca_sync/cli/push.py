@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from proca_sync import aio
 from proca_sync.cli.common import (
     EnvFileOption,
     SqlCrmOption,
@@ -87,7 +88,7 @@ def push(
         for d in destinations
     ]
     try:
-        results = asyncio.run(_run(pushers, follow=follow, within=timeout))
+        results = aio.run(_run(pushers, follow=follow, within=timeout))
     except ConfigError as exc:
         raise die(str(exc), 2) from None
     finally:
