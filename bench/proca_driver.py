@@ -52,8 +52,8 @@ class CountingStats(Stats):
         self.reached = asyncio.Event()
         self.reached_at: float | None = None
 
-    def settled(self, outcome: Outcome, label: str) -> None:
-        super().settled(outcome, label)
+    def settled(self, outcome: Outcome, label: str, count: int = 1) -> None:
+        super().settled(outcome, label, count)
         if self.reached_at is None and self.settled_total >= self.target:
             self.reached_at = time.perf_counter()
             self.reached.set()

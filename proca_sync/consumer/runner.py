@@ -415,22 +415,30 @@ class Consumer:
                           type(exc).__name__,
                           extra={"fields": {"event": "parking_failed",
                                             "error": type(exc).__name__}})
-        for delivery, decision in pairs:
-            if delivery.stale:
-                self.stats.returned()
-                continue
-            if decision.outcome is Outcome.PARK and not parked_ok:
-                decision = Decision(Outcome.RETRY, "parking_failed", detail=decision.detail)
-            if decision.outcome is Outcome.RETRY:
-                if self.retry_mode is RetryMode.LOCAL:
-                    self._spawn(self._local_retry(delivery, decision))
-                    continue
-                if not await self.intake.reject(delivery):
+        # Counted per outcome and label once for the whole batch (the metrics take a
+        # lock per update); what was settled before an error is still counted.
+        counts: dict[tuple[Outcome, str], int] = {}
+        try:
+            for delivery, decision in pairs:
+                if delivery.stale:
                     self.stats.returned()
                     continue
-            else:
-                self.intake.ack(delivery)
-            self._count(delivery, decision)
+                if decision.outcome is Outcome.PARK and not parked_ok:
+                    decision = Decision(Outcome.RETRY, "parking_failed", detail=decision.detail)
+                if decision.outcome is Outcome.RETRY:
+                    if self.retry_mode is RetryMode.LOCAL:
+                        self._spawn(self._local_retry(delivery, decision))
+                        continue
+                    if not await self.intake.reject(delivery):
+                        self.stats.returned()
+                        continue
+                else:
+                    self.intake.ack(delivery)
+                key = (decision.outcome, decision.label)
+                counts[key] = counts.get(key, 0) + 1
+                self._log_settled(delivery, decision)
+        finally:
+            self._counted(counts)
         self._request_flush()
 
     def _park_item(self, delivery: Delivery, decision: Decision) -> ParkItem:
@@ -464,15 +472,22 @@ class Consumer:
             await self._give_back([delivery])
 
     def _count(self, delivery: Delivery, decision: Decision) -> None:
-        self.stats.settled(decision.outcome, decision.label)
+        self._log_settled(delivery, decision)
+        self._counted({(decision.outcome, decision.label): 1})
+
+    def _log_settled(self, delivery: Delivery, decision: Decision) -> None:
         # Parked and retried messages are always logged, one line each; an ack only at
-        # DEBUG (at INFO a batch says what became of its messages in one line).
+        # DEBUG (at INFO the summary line says what became of the batches' messages).
         if decision.outcome is not Outcome.ACK or (
             self.log_each and log.isEnabledFor(logging.DEBUG)
         ):
             self._log_outcome(delivery, decision)
+
+    def _counted(self, counts: dict[tuple[Outcome, str], int]) -> None:
+        for (outcome, label), count in counts.items():
+            self.stats.settled(outcome, label, count)
         limit = self.settings.max_messages
-        if limit is not None and self.stats.settled_total >= limit:
+        if counts and limit is not None and self.stats.settled_total >= limit:
             self.request_stop("max_messages")
 
     def _log_outcome(self, delivery: Delivery, decision: Decision) -> None:

@@ -116,23 +116,24 @@ class Stats:
         self.in_flight += 1
         self._received.inc()
 
-    def settled(self, outcome: Outcome, label: str) -> None:
-        """One delivery left our hands (``outcome`` is never ``HOLD``)."""
-        self.in_flight -= 1
-        self.outcomes[outcome.value] += 1
-        self.labels[label] += 1
+    def settled(self, outcome: Outcome, label: str, count: int = 1) -> None:
+        """``count`` deliveries left our hands the same way (``outcome`` is never
+        ``HOLD``); a batch counts its deliveries per outcome and label in one call."""
+        self.in_flight -= count
+        self.outcomes[outcome.value] += count
+        self.labels[label] += count
         child = self._children.get((outcome.value, label))
         if child is None:
             child = self._children[(outcome.value, label)] = self._messages.labels(
                 outcome.value, label
             )
-        child.inc()
+        child.inc(count)
         if self.shared is not None:
             with self.shared.get_lock():
-                self.shared.value += 1
+                self.shared.value += count
         if outcome in (Outcome.ACK, Outcome.PARK):
             now = time.monotonic()
-            self._acks.append((now, 1))
+            self._acks.append((now, count))
             self._prune(now)
 
     def _prune(self, now: float) -> None:
