@@ -105,7 +105,7 @@ def run_consumer(
             envvar="PROCA_PREFETCH",
             min=1,
             help="Unacked messages the broker may send (>= concurrency); "
-            "default max(2 × concurrency, 200).",
+            "default max(2 × concurrency, 2 × batch size, 200).",
         ),
     ] = None,
     batch_size: Annotated[

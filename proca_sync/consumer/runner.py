@@ -125,6 +125,30 @@ def lane_hash(lane: str) -> str:
     return hashlib.blake2b(lane.encode(), digest_size=6).hexdigest()
 
 
+def batch_slots(backend: Backend, concurrency: int) -> int:
+    """Batches applied at once: ``concurrency``, or fewer when the backend says it can
+    apply no more at a time (``max_batches``, optional: the SQL CRM's is 1)."""
+    limit = getattr(backend, "max_batches", None)
+    if isinstance(limit, int) and limit >= 1:
+        return min(concurrency, limit)
+    return concurrency
+
+
+class _Slot:
+    """One of the backend's batch slots, held by a worker; released once."""
+
+    __slots__ = ("_held", "_semaphore")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
 IntakeFactory = Callable[
     [ConsumerSettings, Callable[[DeliveredMessage], Coroutine[Any, Any, None]]], Intake
 ]
@@ -178,6 +202,7 @@ class Consumer:
         self._stopped = False
         self._probe_batch = False
         self._tally = BatchTally(time.monotonic())
+        self._slots = asyncio.Semaphore(batch_slots(backend, settings.concurrency))
         self.stop_reason = ""
 
     # ---- public ---------------------------------------------------------------------------
@@ -295,24 +320,34 @@ class Consumer:
             probe = await self._gate()
             if self._stopping:
                 break
-            # A half-open probe is one message: if it fails although the CRM answered the
-            # ping, it may be that message's own problem, so it spends a retry (below).
-            taken = self.lanes.take(1 if probe else self.settings.batch_size)
-            live: list[tuple[str, Delivery]] = []
-            for lane, delivery in taken:
-                if delivery.stale:  # its channel is gone: the broker redelivers it
-                    self.lanes.finish(lane)
-                    self.stats.returned()
-                else:
-                    live.append((lane, delivery))
-            if not live:
-                if probe:
-                    self._probe_batch = False
-                if not taken:
-                    self._work.clear()
-                    await self._work.wait()
-                continue
-            await self._run_batch(live, probe=probe)
+            # A backend that applies one batch at a time (the SQL CRM's one writer thread)
+            # gets its next batch when it is free: taken then, the batch holds everything
+            # that arrived meanwhile (one commit), instead of workers each taking a few
+            # messages early and queueing their small batches behind the writer.
+            await self._slots.acquire()
+            slot = _Slot(self._slots)
+            try:
+                # A half-open probe is one message: if it fails although the CRM answered
+                # the ping, it may be that message's own problem, so it spends a retry.
+                taken = self.lanes.take(1 if probe else self.settings.batch_size)
+                live: list[tuple[str, Delivery]] = []
+                for lane, delivery in taken:
+                    if delivery.stale:  # its channel is gone: the broker redelivers it
+                        self.lanes.finish(lane)
+                        self.stats.returned()
+                    else:
+                        live.append((lane, delivery))
+                if not live:
+                    slot.release()
+                    if probe:
+                        self._probe_batch = False
+                    if not taken:
+                        self._work.clear()
+                        await self._work.wait()
+                    continue
+                await self._run_batch(live, probe=probe, slot=slot)
+            finally:
+                slot.release()
 
     async def _gate(self) -> bool:
         """Wait until the breaker lets a batch through; ``True`` for the half-open probe."""
@@ -327,7 +362,9 @@ class Consumer:
             await self._breaker_event.wait()
         return False
 
-    async def _run_batch(self, taken: list[tuple[str, Delivery]], *, probe: bool) -> None:
+    async def _run_batch(
+        self, taken: list[tuple[str, Delivery]], *, probe: bool, slot: _Slot | None = None
+    ) -> None:
         records = [d.record for _, d in taken if d.record is not None]
         before = self.breaker.state
         started = time.monotonic()
@@ -349,6 +386,8 @@ class Consumer:
                       extra={"fields": {"event": "batch_error", "error": type(exc).__name__}})
             results = [await self._apply_single(r) for r in records] if len(records) > 1 else [exc]
         finally:
+            if slot is not None:  # the backend is free: the next batch may start
+                slot.release()
             if probe:
                 self._probe_batch = False
             self.stats.batch_finished(time.monotonic() - started)

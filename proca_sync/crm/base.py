@@ -31,7 +31,11 @@ ApplyResult = Literal["applied", "duplicate"] | PermanentError
 
 @runtime_checkable
 class Backend(Protocol):
-    """A CRM as proca-sync sees it."""
+    """A CRM as proca-sync sees it.
+
+    A backend may also set ``max_batches`` (an int): how many batches it can apply at
+    once. The consumer then runs no more than that many, and forms each when the backend
+    is free to take it (a backend without it gets ``--concurrency`` batches at once)."""
 
     name: str
 

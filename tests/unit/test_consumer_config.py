@@ -83,8 +83,11 @@ def test_missing_ca_file_is_a_config_error() -> None:
 def test_prefetch_must_cover_concurrency() -> None:
     with pytest.raises(ValidationError, match="prefetch"):
         ConsumerSettings(queue="q", concurrency=16, prefetch=8)
-    assert ConsumerSettings(queue="q", concurrency=16).effective_prefetch == 200
-    assert ConsumerSettings(queue="q", concurrency=300).effective_prefetch == 600
+    # Default: room for a full batch forming while another is applied, and every worker.
+    assert ConsumerSettings(queue="q", concurrency=16).effective_prefetch == 1000
+    assert ConsumerSettings(queue="q", concurrency=16, batch_size=50).effective_prefetch == 200
+    assert ConsumerSettings(queue="q", concurrency=300, batch_size=10).effective_prefetch == 600
+    assert ConsumerSettings(queue="q", batch_size=400).effective_prefetch == 800
 
 
 @pytest.mark.parametrize(

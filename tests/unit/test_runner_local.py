@@ -553,6 +553,55 @@ async def test_max_messages_stops_after_that_many_settled(tmp_path: Path) -> Non
     assert channel.acked() == {1, 2}
 
 
+class OneAtATimeBackend(GatedBackend):
+    """A CRM that applies one batch at a time (as the SQL CRM's one writer thread)."""
+
+    max_batches = 1
+
+
+@pytest.mark.parametrize("max_batches", [1, None], ids=["one-at-a-time", "no-limit"])
+async def test_a_one_at_a_time_backend_gets_its_next_batch_when_it_is_free(
+    tmp_path: Path, max_batches: int | None
+) -> None:
+    # With four workers, a backend that applies one batch at a time used to get four
+    # small batches queued behind each other; it now gets one, and the next is formed
+    # when it is free, holding everything that arrived meanwhile (one commit for all).
+    backend = OneAtATimeBackend() if max_batches == 1 else GatedBackend()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue=QUEUE, concurrency=4, batch_size=50, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+
+        def body(n: int) -> bytes:
+            return person_action(n, ref=f"o{n}".ljust(43, "x"), email=f"o{n}@example.org")
+
+        first = await intake.deliver(body(1))
+        await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
+        tags = [first] + [await intake.deliver(body(n)) for n in range(2, 22)]
+        for _ in range(20):  # let every idle worker run: none may start a batch
+            await asyncio.sleep(0)
+        if max_batches is None:
+            # The control: without a limit, idle workers take what arrived at once.
+            assert len(backend.calls) > 1
+        else:
+            assert len(backend.calls) == 1
+        backend.gate.set()
+        await eventually(lambda: channel.acked() >= set(tags), within=10, what="the acks")
+        if max_batches == 1:
+            assert [len(call) for call in backend.calls] == [1, 20]
+    finally:
+        backend.gate.set()
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+
+
 # ---- a reconnect: stale deliveries are never acked on the new channel ----------------------
 
 

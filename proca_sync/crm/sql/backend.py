@@ -100,6 +100,9 @@ class SqlBackend:
     """
 
     name = "sql"
+    max_batches = 1
+    """One writer thread applies the batches one at a time: the consumer hands it the
+    next batch when it is free (see :func:`proca_sync.consumer.runner.batch_slots`)."""
 
     def __init__(
         self, url: str = DEFAULT_URL, *, echo: bool = False, erasure_key: bytes | None = None
