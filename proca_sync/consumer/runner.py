@@ -327,6 +327,8 @@ class Consumer:
             await self._slots.acquire()
             slot = _Slot(self._slots)
             try:
+                if self._stopping:  # stopped while waiting for the slot: take nothing
+                    break
                 # A half-open probe is one message: if it fails although the CRM answered
                 # the ping, it may be that message's own problem, so it spends a retry.
                 taken = self.lanes.take(1 if probe else self.settings.batch_size)

@@ -602,6 +602,45 @@ async def test_a_one_at_a_time_backend_gets_its_next_batch_when_it_is_free(
         parking.engine.dispose()
 
 
+async def test_a_stop_wakes_workers_waiting_for_a_one_at_a_time_backend(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Three of four workers wait for the one batch slot while a batch runs. A stop then:
+    # the running batch finishes and settles; the waiting workers must leave, not take
+    # the slot and wait for work that never comes (the stop took the whole shutdown
+    # timeout once).
+    backend = OneAtATimeBackend()
+    channel = LocalChannel(backend)
+    LocalIntake.channel_for = channel
+    settings = ConsumerSettings(queue=QUEUE, concurrency=4, batch_size=50, consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(intake.started.wait(), 10)
+        first = await intake.deliver(person_action(1, ref="w1".ljust(43, "x"), email="w1@example.org"))
+        await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
+        for n in range(2, 6):  # wakes the idle workers: they queue for the slot
+            await intake.deliver(person_action(n, ref=f"w{n}".ljust(43, "x"), email=f"w{n}@example.org"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        started = time.monotonic()
+        consumer.request_stop("test")
+        backend.gate.set()
+        await asyncio.wait_for(task, 20)
+        assert time.monotonic() - started < 5
+    finally:
+        backend.gate.set()
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+    assert first in channel.acked()  # the running batch settled
+    assert len(backend.calls) == 1  # nothing new was started after the stop
+    assert not [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "shutdown_timeout"]
+
+
 # ---- a reconnect: stale deliveries are never acked on the new channel ----------------------
 
 
