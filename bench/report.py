@@ -611,8 +611,9 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
         "case. After the run the harness checks that the queue is empty.",
         "- proca-sync runs through its public API (`bench/proca_driver.py`: "
         "`ConsumerSettings`, `backend_from_url`, `ParkingStore`, `Keystore`, `Consumer`) "
-        "with its defaults (concurrency 4, batches of ≤ 100, prefetch 200) and its normal "
-        "logging: one JSON line per message on stderr (to a file).",
+        "with its defaults (concurrency 4, batches of ≤ 500 — into the SQL CRM one at a "
+        "time, formed when its writer is free — prefetch 1000) and its normal logging: JSON "
+        "lines on stderr, a summary line a second (to a file).",
         "- CPU: `RUSAGE_CHILDREN` for the consumer process, `/proc/<beam.smp>/stat` for the "
         "broker, `RUSAGE_SELF` for the harness (which hosts the slow CRM's HTTP server).",
         "",
