@@ -653,3 +653,18 @@ def test_identity_errors_say_what_is_missing() -> None:
     with pytest.raises(DecodeError) as info:
         model(event)
     assert info.value.args == ("email_status event without contactRef or e-mail",)
+
+
+def test_a_campaign_update_holds_only_the_keys_it_carried() -> None:
+    """No default is invented (``contactSchema: basic``, ``config: {}``, nulls): the
+    campaign record holds what the server sent, as an action's snapshot does."""
+    update = {
+        "schema": "proca:event:2",
+        "eventType": "campaign_updated",
+        "timestamp": "2024-01-01T00:00:00Z",
+        "campaignId": 5,
+        "campaign": {"name": "petition_x", "title": "T"},
+    }
+    result = model_message(decode(dumps(update)), Options(), digest=DIGEST)
+    assert isinstance(result, SyncRecord) and result.campaign is not None
+    assert result.campaign.data == {"name": "petition_x", "title": "T", "campaignId": 5}
