@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -722,7 +722,14 @@ def test_donation_and_encrypted_contact_round_trip(load_fixture: Loader) -> None
     ],
 )
 def test_json_types_are_not_coerced(path: tuple[str, ...], value: Any) -> None:
-    document = orjson.loads((Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "petition_optin.json").read_bytes())
+    document = orjson.loads(
+        (
+            Path(__file__).resolve().parents[2].parent
+            / "shared"
+            / "fixtures"
+            / "petition_optin.json"
+        ).read_bytes()
+    )
     node = document
     for key in path[:-1]:
         node = node[key]
@@ -827,3 +834,288 @@ def test_to_wire_gives_plain_json_types(load_fixture: Loader) -> None:
     wire = to_wire(decode(load_fixture("petition_optin.json")))
     assert type(wire["stage"]) is str  # not the Stage enum: the dict is plain JSON data
     assert wire == orjson.loads(orjson.dumps(wire))
+
+
+def test_a_schema_label_is_echoed_up_to_40_characters() -> None:
+    for length, label in ((40, "proca:" + "a" * 34), (41, "str")):
+        with pytest.raises(DecodeError) as info:
+            decode(orjson.dumps({"schema": "proca:" + "a" * (length - 6)}))
+        assert info.value.args == (f"unknown schema {label!r}",)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["a:b", "proca:event:2:x", "x_1:y_2", "p9:0"],
+)
+def test_schema_labels_of_two_to_four_lowercase_parts_are_echoed(schema: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(orjson.dumps({"schema": schema}))
+    assert info.value.args == (f"unknown schema {schema!r}",)
+
+
+# ---- the models themselves: defaults of absent keys and validation errors --------------
+
+_T = "2024-01-01T00:00:00Z"
+_NO_CONTACT = {"contactRef": None, "dupeRank": None, "firstName": None, "email": None}
+_NO_PRIVACY = {
+    "optIn": None,
+    "givenAt": None,
+    "withConsent": False,
+    "emailStatus": None,
+    "emailStatusChanged": None,
+}
+_ACTION = {"actionType": "x", "customFields": {}, "createdAt": _T, "testing": False}
+
+
+@pytest.mark.parametrize(
+    ("model", "given", "expected"),
+    [
+        pytest.param(
+            "Donation",
+            {"amount": 1},
+            {
+                "amount": 1,
+                "currency": "EUR",
+                "frequencyUnit": "one_off",
+                "payload": {},
+                "schema": None,
+            },
+            id="Donation",
+        ),
+        pytest.param(
+            "Action",
+            {"actionType": "x", "createdAt": _T},
+            {**_ACTION, "donation": None},
+            id="Action",
+        ),
+        pytest.param(
+            "ActionPage",
+            {"name": "p"},
+            {
+                "name": "p",
+                "locale": None,
+                "thankYouTemplate": None,
+                "thankYouTemplateRef": None,
+                "supporterConfirmTemplate": None,
+            },
+            id="ActionPage",
+        ),
+        pytest.param(
+            "Campaign",
+            {"name": "c"},
+            {"name": "c", "title": None, "externalId": None, "contactSchema": "basic"},
+            id="Campaign",
+        ),
+        pytest.param("Org", {}, {"name": None, "title": None}, id="Org"),
+        pytest.param("Contact", {}, {**_NO_CONTACT, "area": None}, id="Contact"),
+        pytest.param("KeyRef", {"public": "k"}, {"id": None, "public": "k"}, id="KeyRef"),
+        pytest.param(
+            "PersonalInfo",
+            {},
+            {"payload": None, "nonce": None, "encryptKey": None, "signKey": None},
+            id="PersonalInfo",
+        ),
+        pytest.param("Privacy", {}, _NO_PRIVACY, id="Privacy"),
+        pytest.param(
+            "Tracking",
+            {},
+            {"source": None, "medium": None, "campaign": None, "content": None, "location": None},
+            id="Tracking",
+        ),
+        pytest.param(
+            "ActionMessage",
+            {"stage": "system", "action": {"actionType": "x", "createdAt": _T}},
+            {
+                "schema": "proca:action:2",
+                "stage": "system",
+                "actionId": None,
+                "action": {**_ACTION, "donation": None},
+                "actionPageId": None,
+                "actionPage": None,
+                "campaignId": None,
+                "campaign": None,
+                "orgId": None,
+                "org": None,
+                "contact": {**_NO_CONTACT, "area": None},
+                "personalInfo": None,
+                "privacy": _NO_PRIVACY,
+                "tracking": None,
+                "eventType": None,
+            },
+            id="ActionMessage",
+        ),
+        pytest.param(
+            "Supporter",
+            {"contact": {}},
+            {
+                "contact": {**_NO_CONTACT, "area": None},
+                "privacy": _NO_PRIVACY,
+                "personalInfo": None,
+            },
+            id="Supporter",
+        ),
+        pytest.param(
+            "EmailStatusEvent",
+            {"timestamp": _T, "supporter": {"contact": {}}},
+            {
+                "schema": "proca:event:2",
+                "eventType": "email_status",
+                "timestamp": _T,
+                "supporter": {
+                    "contact": {**_NO_CONTACT, "area": None},
+                    "privacy": _NO_PRIVACY,
+                    "personalInfo": None,
+                },
+                "actionId": None,
+                "action": None,
+                "actionPageId": None,
+                "actionPage": None,
+                "campaignId": None,
+                "campaign": None,
+                "tracking": None,
+            },
+            id="EmailStatusEvent",
+        ),
+        pytest.param(
+            "CampaignUpdatedEvent",
+            {"campaign": {"name": "c"}},
+            {
+                "schema": "proca:event:2",
+                "eventType": "campaign_updated",
+                "timestamp": None,
+                "campaignId": None,
+                "orgId": None,
+                "campaign": {
+                    "name": "c",
+                    "title": None,
+                    "externalId": None,
+                    "contactSchema": "basic",
+                    "id": None,
+                    "config": {},
+                    "org": None,
+                },
+            },
+            id="CampaignUpdatedEvent",
+        ),
+        pytest.param(
+            "ConfirmCreatedEvent",
+            {},
+            {
+                "schema": "proca:event:2",
+                "eventType": "confirm_created",
+                "timestamp": None,
+                "confirm": {},
+            },
+            id="ConfirmCreatedEvent",
+        ),
+        pytest.param(
+            "UnknownEvent",
+            {"eventType": "u"},
+            {"schema": "proca:event:2", "eventType": "u", "timestamp": None},
+            id="UnknownEvent",
+        ),
+        pytest.param(
+            "ActionV1",
+            {"actionType": "x", "createdAt": _T},
+            {"actionType": "x", "fields": {}, "createdAt": _T, "testing": False, "donation": None},
+            id="ActionV1",
+        ),
+        pytest.param(
+            "ContactV1",
+            {},
+            {
+                "ref": None,
+                "firstName": None,
+                "email": None,
+                "area": None,
+                "payload": None,
+                "nonce": None,
+                "publicKey": None,
+                "signKey": None,
+            },
+            id="ContactV1",
+        ),
+        pytest.param("PrivacyV1", {}, {"communication": None, "givenAt": None}, id="PrivacyV1"),
+    ],
+)
+def test_absent_keys_read_as_their_defaults(
+    model: str, given: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    from proca_sync.messages import schemas
+
+    cls = getattr(schemas, model)
+    assert cls.model_validate(given).model_dump(mode="json") == expected
+    # and the defaults are not "sent": the wire form keeps only what came
+    assert to_wire(cls.model_validate(given)) == given
+
+
+def test_snake_case_names_are_accepted_in_code() -> None:
+    from proca_sync.messages.schemas import Contact
+
+    contact = Contact(contact_ref="r", first_name="Ada", dupe_rank=1)
+    assert contact.record() == {"contactRef": "r", "firstName": "Ada", "dupeRank": 1}
+
+
+def test_a_delivered_action_may_name_its_supporter_by_email_alone(load_fixture: Loader) -> None:
+    document = orjson.loads(load_fixture("share_twitter.json"))
+    document["contact"] = {"email": "x@example.org"}
+    message = decode(orjson.dumps(document))
+    assert isinstance(message, ActionMessage)
+    assert message.contact.email == "x@example.org"
+    document["contact"] = {"contactRef": "r", "email": None}
+    assert isinstance(decode(orjson.dumps(document)), ActionMessage)
+
+
+def test_the_models_validation_errors_say_what_is_wrong() -> None:
+    """What a caller validating a model directly (``upgrade_v1``'s callers, crypto's
+    merge) sees: pydantic's error with our type, template and context."""
+    from pydantic import ValidationError
+
+    from proca_sync.messages.schemas import Action
+
+    with pytest.raises(ValidationError) as bad_time:
+        Action.model_validate({"actionType": "x", "createdAt": "soon"})
+    assert [(e["type"], e["msg"], e["loc"]) for e in bad_time.value.errors()] == [
+        ("timestamp", "not an ISO 8601 timestamp", ("createdAt",))
+    ]
+    with pytest.raises(ValidationError) as missing:
+        ActionMessage.model_validate({"stage": "deliver", "action": _ACTION})
+    [error] = missing.value.errors()
+    assert (error["type"], error["msg"], error["ctx"]) == (
+        "missing",
+        "field required: actionId",
+        {"field": "actionId"},
+    )
+
+
+# ---- wire timestamps ------------------------------------------------------------------
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A machine whose local time is not UTC: naive times must still read as UTC."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("value", "utc"),
+    [
+        pytest.param("2024-01-01T10:00:00Z", "2024-01-01T10:00:00+00:00", id="Z"),
+        pytest.param("2024-01-01T10:00:00z", "2024-01-01T10:00:00+00:00", id="lower-z"),
+        pytest.param("2024-01-01T10:00:00.5Z", "2024-01-01T10:00:00.500000+00:00", id="fraction"),
+        pytest.param("2024-01-01T12:00:00+02:00", "2024-01-01T10:00:00+00:00", id="offset"),
+        pytest.param("2024-01-01T10:00:00", "2024-01-01T10:00:00+00:00", id="naive-is-utc"),
+    ],
+)
+def test_parse_timestamp_gives_utc(new_york: None, value: str, utc: str) -> None:
+    from proca_sync.messages.schemas import parse_timestamp
+
+    parsed = parse_timestamp(value)
+    assert parsed.isoformat() == utc
+    assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0  # type: ignore[union-attr]

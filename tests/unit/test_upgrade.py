@@ -335,3 +335,47 @@ def test_v1_missing_required_key(key: str) -> None:
     with pytest.raises(DecodeError) as info:
         decode(orjson.dumps(document))
     assert info.value.reason is Reason.MISSING_FIELD
+
+
+def test_v1_null_donation_is_no_donation() -> None:
+    document = v1_message(CONTACT_EMPTY, CONSENT)
+    document["action"]["donation"] = None
+    wire = to_wire(_upgrade(document))
+    assert "donation" not in wire["action"]  # v2: the key is absent without a donation
+
+
+def test_v1_contact_with_only_some_key_material_is_clear() -> None:
+    """messages.md §5.1: encrypted means nonce, publicKey *and* signKey."""
+    for partial in ({"nonce": NONCE}, {"nonce": NONCE, "publicKey": RECIPIENT_PUBLIC}):
+        message = _upgrade(v1_message({**CONTACT_CLEAR, **partial}, CONSENT))
+        assert message.personal_info is None
+        assert message.contact.email == "bruce@example.org"  # the clear payload, merged
+
+
+@pytest.mark.parametrize(
+    ("payload", "text"),
+    [
+        pytest.param("{not json", "v1 contact.payload is not JSON", id="not-json"),
+        pytest.param("[1, 2]", "v1 contact.payload is not an object", id="array"),
+        pytest.param('"bruce@example.org"', "v1 contact.payload is not an object", id="string"),
+    ],
+)
+def test_v1_payload_errors_say_what_is_wrong_without_the_payload(payload: str, text: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(orjson.dumps(v1_message({**CONTACT_CLEAR, "payload": payload}, CONSENT)))
+    assert info.value.args == (text,)
+    assert info.value.reason is Reason.INVALID_FIELD
+
+
+def test_v1_upgrade_without_privacy_key() -> None:
+    document = v1_message(CONTACT_EMPTY, None)
+    del document["privacy"]
+    wire = to_wire(_upgrade(document))
+    assert wire["privacy"] == {
+        "withConsent": False,
+        "emailStatus": None,
+        "emailStatusChanged": None,
+    }
+    assert "area" in wire["contact"]
+    del document["contact"]["area"]
+    assert "area" not in to_wire(_upgrade(document))["contact"]  # absent stays absent
