@@ -320,3 +320,39 @@ def test_an_upgrade_from_the_current_version_logs_nothing(tmp_path: Path) -> Non
             assert conn.execute(text("SELECT kind, entity FROM changes")).all() == [
                 ("campaign", "c")
             ]
+
+
+@pytest.mark.postgres
+def test_a_crm_schema_created_by_another_process_is_waited_for(pg_url: str) -> None:
+    """Two processes starting on a fresh PostgreSQL schema at once: the second waits for
+    the first's table creation (the schema lock) instead of failing on the catalogue's
+    unique index (``CREATE TABLE IF NOT EXISTS`` races there)."""
+    import threading
+
+    from proca_sync.crm.sql import SqlBackend
+    from proca_sync.crm.sql.schema import metadata
+    from proca_sync.crm.sql.store import lock_schema
+
+    first, _ = create_store_engine(pg_url, what="CRM")
+    try:
+        with first.begin() as conn:  # what a starting process does, held uncommitted
+            lock_schema(conn)
+            metadata.create_all(conn, checkfirst=True)
+            done = threading.Event()
+            failed: list[BaseException] = []
+
+            def start() -> None:
+                try:
+                    with SqlBackend(pg_url) as backend:
+                        backend.open_sync()
+                except BaseException as exc:  # reported below
+                    failed.append(exc)
+                done.set()
+
+            second = threading.Thread(target=start)
+            second.start()
+            assert not done.wait(1.0)  # a bounded wait for something that must not happen
+        second.join(30)
+        assert done.is_set() and failed == []
+    finally:
+        first.dispose()
