@@ -10,6 +10,7 @@ import os
 import re
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -202,10 +203,21 @@ def test_postgres_connections_give_up_after_5_seconds(pg_url: str) -> None:
         engine.dispose()
 
 
-def test_now_is_utc_with_microseconds() -> None:
-    before = datetime.now(UTC)
-    now = _now()
-    after = datetime.now(UTC)
+@pytest.mark.parametrize("zone", ["UTC0", "PROCA-14", "PROCA+11"])  # POSIX: UTC+14, UTC-11
+def test_now_is_utc_with_microseconds_whatever_the_local_time_zone(
+    zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Erasure times are compared with the records' UTC times: a local time would
+    # misjudge which records are older than an erasure.
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        before = datetime.now(UTC)
+        now = _now()
+        after = datetime.now(UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", now)
     parsed = datetime.strptime(now, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     assert before - timedelta(seconds=1) <= parsed <= after
