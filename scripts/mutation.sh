@@ -10,7 +10,7 @@
 #   MUTATION_JOBS=1 scripts/mutation.sh …    worker processes (default 2: a shared machine)
 #
 # Runs on the fast tests only (tests/unit and tests/integration without the `rabbitmq`
-# marker: SQLite files and the PostgreSQL on loopback). Not part of CI: a full run (5,478 mutants)
+# marker: SQLite files and the PostgreSQL on loopback). Not part of CI: a full run (about 5,500 mutants)
 # takes hours on 2 cores shared with other jobs. A first run in a checkout maps which test
 # reaches which function (the whole fast suite under tracing, ~20 min here); later runs reuse
 # that map and run each mutant against its function's tests only (a survivor of sync/,
