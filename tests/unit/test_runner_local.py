@@ -9,6 +9,7 @@ replaced: deliveries come from the test and the channel records the frames it is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -559,14 +560,11 @@ class OneAtATimeBackend(GatedBackend):
     max_batches = 1
 
 
-@pytest.mark.parametrize("max_batches", [1, None], ids=["one-at-a-time", "no-limit"])
-async def test_a_one_at_a_time_backend_gets_its_next_batch_when_it_is_free(
-    tmp_path: Path, max_batches: int | None
-) -> None:
-    # With four workers, a backend that applies one batch at a time used to get four
-    # small batches queued behind each other; it now gets one, and the next is formed
-    # when it is free, holding everything that arrived meanwhile (one commit for all).
-    backend = OneAtATimeBackend() if max_batches == 1 else GatedBackend()
+@contextlib.asynccontextmanager
+async def four_workers(
+    tmp_path: Path, backend: GatedBackend
+) -> AsyncIterator[tuple[Consumer, LocalIntake, LocalChannel, asyncio.Task[Any]]]:
+    """A running consumer with four workers and batches of up to 50 on ``backend``."""
     channel = LocalChannel(backend)
     LocalIntake.channel_for = channel
     settings = ConsumerSettings(queue=QUEUE, concurrency=4, batch_size=50, consumer_tag="test")
@@ -577,13 +575,31 @@ async def test_a_one_at_a_time_backend_gets_its_next_batch_when_it_is_free(
     task = asyncio.create_task(consumer.run())
     try:
         await asyncio.wait_for(intake.started.wait(), 10)
+        yield consumer, intake, channel, task
+    finally:
+        backend.gate.set()
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
 
-        def body(n: int) -> bytes:
-            return person_action(n, ref=f"o{n}".ljust(43, "x"), email=f"o{n}@example.org")
 
-        first = await intake.deliver(body(1))
+def distinct(n: int) -> bytes:
+    """An action of the n-th of many distinct supporters."""
+    return person_action(n, ref=f"o{n}".ljust(43, "x"), email=f"o{n}@example.org")
+
+
+@pytest.mark.parametrize("max_batches", [1, None], ids=["one-at-a-time", "no-limit"])
+async def test_a_one_at_a_time_backend_gets_its_next_batch_when_it_is_free(
+    tmp_path: Path, max_batches: int | None
+) -> None:
+    # With four workers, a backend that applies one batch at a time used to get four
+    # small batches queued behind each other; it now gets one, and the next is formed
+    # when it is free, holding everything that arrived meanwhile (one commit for all).
+    backend = OneAtATimeBackend() if max_batches == 1 else GatedBackend()
+    async with four_workers(tmp_path, backend) as (_, intake, channel, _task):
+        first = await intake.deliver(distinct(1))
         await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
-        tags = [first] + [await intake.deliver(body(n)) for n in range(2, 22)]
+        tags = [first] + [await intake.deliver(distinct(n)) for n in range(2, 22)]
         for _ in range(20):  # let every idle worker run: none may start a batch
             await asyncio.sleep(0)
         if max_batches is None:
@@ -595,11 +611,6 @@ async def test_a_one_at_a_time_backend_gets_its_next_batch_when_it_is_free(
         await eventually(lambda: channel.acked() >= set(tags), within=10, what="the acks")
         if max_batches == 1:
             assert [len(call) for call in backend.calls] == [1, 20]
-    finally:
-        backend.gate.set()
-        consumer.request_stop("test")
-        await asyncio.wait_for(task, 20)
-        parking.engine.dispose()
 
 
 async def test_a_stop_wakes_workers_waiting_for_a_one_at_a_time_backend(
@@ -610,20 +621,11 @@ async def test_a_stop_wakes_workers_waiting_for_a_one_at_a_time_backend(
     # the slot and wait for work that never comes (the stop took the whole shutdown
     # timeout once).
     backend = OneAtATimeBackend()
-    channel = LocalChannel(backend)
-    LocalIntake.channel_for = channel
-    settings = ConsumerSettings(queue=QUEUE, concurrency=4, batch_size=50, consumer_tag="test")
-    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
-    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
-    intake = consumer.intake
-    assert isinstance(intake, LocalIntake)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(intake.started.wait(), 10)
-        first = await intake.deliver(person_action(1, ref="w1".ljust(43, "x"), email="w1@example.org"))
+    async with four_workers(tmp_path, backend) as (consumer, intake, channel, task):
+        first = await intake.deliver(distinct(1))
         await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
         for n in range(2, 6):  # wakes the idle workers: they queue for the slot
-            await intake.deliver(person_action(n, ref=f"w{n}".ljust(43, "x"), email=f"w{n}@example.org"))
+            await intake.deliver(distinct(n))
         for _ in range(20):
             await asyncio.sleep(0)
         started = time.monotonic()
@@ -631,11 +633,6 @@ async def test_a_stop_wakes_workers_waiting_for_a_one_at_a_time_backend(
         backend.gate.set()
         await asyncio.wait_for(task, 20)
         assert time.monotonic() - started < 5
-    finally:
-        backend.gate.set()
-        consumer.request_stop("test")
-        await asyncio.wait_for(task, 20)
-        parking.engine.dispose()
     assert first in channel.acked()  # the running batch settled
     assert len(backend.calls) == 1  # nothing new was started after the stop
     assert not [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "shutdown_timeout"]
