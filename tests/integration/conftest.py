@@ -8,7 +8,7 @@ tests at another broker or vhost.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -440,3 +440,13 @@ def crm_export(url: str) -> dict[str, Any]:
         return backend.export()
     finally:
         backend.engine.dispose()
+
+
+@pytest.fixture
+def umask() -> Iterator[None]:
+    """A permissive umask, so that only our own code can make a file private."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)

@@ -21,20 +21,10 @@ from proca_sync.crm.sql import SqlBackend
 from proca_sync.crm.sql.schema import applied_messages, consents, email_status_history
 from proca_sync.engine import Engine
 from proca_sync.sync.records import SyncRecord
-from tests.support.builders import action, dumps, email_status
+from tests.support.builders import action, dumps, email_status, records
 
 REF = "R".ljust(43, "x")
 EMAIL = "rules@example.org"
-
-
-def records(bodies: list[bytes]) -> list[SyncRecord]:
-    engine = Engine(backend=SqlBackend("sqlite://"))
-    out = []
-    for body in bodies:
-        prepared = engine.prepare(body)
-        assert isinstance(prepared, SyncRecord)
-        out.append(prepared)
-    return out
 
 
 def apply(url: str, bodies: list[bytes], *, batch: bool) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import re
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,16 +38,6 @@ from proca_sync.crm.sql.store import (
 from proca_sync.errors import BackendUnavailableError, ConfigError
 
 SQLITE_FORM = re.escape("sqlite:///path/to/file.db (sqlite:////abs/path.db for an absolute path)")
-
-
-@pytest.fixture
-def umask() -> Iterator[None]:
-    """A permissive umask, so that only our own code can make a file private."""
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def mode(path: Path) -> int:

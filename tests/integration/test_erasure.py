@@ -6,12 +6,10 @@ on it)."""
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,8 @@ from sqlalchemy import Connection, select, text
 from proca_sync.crm.sql import SqlBackend
 from proca_sync.crm.sql.changelog import TombstoneCheck, load_erasure_key, scrub_propagated
 from proca_sync.crm.sql.schema import tombstones
-from proca_sync.engine import Engine
 from proca_sync.errors import ConfigError
-from proca_sync.sync.records import SyncRecord
-from tests.support.builders import action, dumps, email_status
+from tests.support.builders import action, dumps, email_status, records
 
 KEY = b"k" * 64
 CHECK = TombstoneCheck(KEY)
@@ -41,16 +37,6 @@ BODIES = [
     dumps(action(21, ref=B, email=BOB, created="2024-01-02T11:00:00Z")),
 ]
 ERASED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-def _records(bodies: list[bytes]) -> list[SyncRecord]:
-    engine = Engine(backend=SqlBackend("sqlite://"))
-    out = []
-    for body in bodies:
-        prepared = engine.prepare(body)
-        assert isinstance(prepared, SyncRecord)
-        out.append(prepared)
-    return out
 
 
 def _rows(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
@@ -109,7 +95,7 @@ def _register(conn: Connection, name: str, cursor: int) -> None:
 @pytest.fixture
 def ledger(crm_url: str) -> SqlBackend:
     with SqlBackend(crm_url, erasure_key=KEY) as backend:
-        assert backend.apply_sync(_records(BODIES)) == ["applied"] * len(BODIES)
+        assert backend.apply_sync(records(BODIES)) == ["applied"] * len(BODIES)
     return SqlBackend(crm_url, erasure_key=KEY)
 
 
@@ -123,16 +109,6 @@ def test_tombstone_hashes_are_hmac_sha256_of_the_value_and_the_key_never_shows()
     )
     assert TombstoneCheck(b"l" * 64).digest(ANNA) != CHECK.digest(ANNA)
     assert repr(CHECK) == "TombstoneCheck(<key>)"
-
-
-@pytest.fixture
-def umask() -> Iterator[None]:
-    """A permissive umask, so that only our own code can make a file private."""
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_an_absent_key_file_is_created_0600_with_64_hex_digits(
@@ -281,7 +257,7 @@ def test_a_person_erased_twice_has_their_keys_point_at_the_second_tombstone(
         first = backend.forget_sync(email=BOB)
         # A newer action brings Bob back (same keys); erased again, the hashes move.
         newer = action(22, ref=B, email=BOB, created="2099-01-01T00:00:00Z")
-        assert backend.apply_sync(_records([dumps(newer)])) == ["applied"]
+        assert backend.apply_sync(records([dumps(newer)])) == ["applied"]
         second = backend.forget_sync(ref=B)
         assert first is not None and second is not None and second > first
         with backend.engine.connect() as conn:
@@ -295,7 +271,7 @@ def test_a_contact_without_an_email_leaves_a_tombstone_of_its_ref(ledger: SqlBac
         with backend.engine.begin() as conn:
             _register(conn, "d", 0)
         lone = action(31, ref="L" * 43, email=None, created="2024-02-01T00:00:00Z")
-        assert backend.apply_sync(_records([dumps(lone)])) == ["applied"]
+        assert backend.apply_sync(records([dumps(lone)])) == ["applied"]
         tombstone = backend.forget_sync(ref="L" * 43)
         with backend.engine.connect() as conn:
             assert [(i, e, r) for i, _, e, r in _tombstones(conn)] == [
@@ -382,7 +358,7 @@ def test_an_erasure_takes_its_change_number_in_commit_order_on_postgres(pg_url: 
     from proca_sync.crm.sql.changelog import CHANGES_LOCK
 
     with SqlBackend(pg_url, erasure_key=KEY) as backend:
-        assert backend.apply_sync(_records(BODIES)) == ["applied"] * len(BODIES)
+        assert backend.apply_sync(records(BODIES)) == ["applied"] * len(BODIES)
         schema = pg_url.split("csearch_path%3D", 1)[1]
         slow = psycopg.connect(
             "host=127.0.0.1 port=5432 dbname=test user=postgres",

@@ -8,7 +8,10 @@ from typing import Any
 
 import orjson
 
+from proca_sync.crm.sql import SqlBackend
 from proca_sync.crypto import KeyPair, encrypt_record
+from proca_sync.engine import Engine
+from proca_sync.sync.records import SyncRecord
 from tests.support import vector
 
 # The key pairs of the published test vector (crypto.md §7).
@@ -192,3 +195,14 @@ def campaign_updated(
 
 def dumps(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
+
+
+def records(bodies: list[bytes]) -> list[SyncRecord]:
+    """The records the engine makes of ``bodies`` (each must be one to apply)."""
+    engine = Engine(backend=SqlBackend("sqlite://"))
+    out = []
+    for body in bodies:
+        prepared = engine.prepare(body)
+        assert isinstance(prepared, SyncRecord)
+        out.append(prepared)
+    return out
