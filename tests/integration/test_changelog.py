@@ -8,13 +8,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import text
 
 from proca_sync.crm.sql import SCHEMA_VERSION, SqlBackend
-from proca_sync.crm.sql.changelog import CHANGES_LOCK
 from proca_sync.sync.records import ActionRecord, CampaignFact, ContactFacts, SyncRecord
+from tests.support.changes import held_change
 
 
 def _record(
@@ -129,18 +128,7 @@ def test_change_numbers_are_drawn_in_commit_order_on_postgres(pg_url: str) -> No
     other writer's change rows, so a reader never sees n+1 before n."""
     with SqlBackend(pg_url) as backend:
         backend.apply_sync([_record("m0", ref="Q" * 43, email="q@example.org", action_id=9)])
-        schema = pg_url.split("csearch_path%3D", 1)[1]
-        slow = psycopg.connect(
-            "host=127.0.0.1 port=5432 dbname=test user=postgres",
-            options=f"-csearch_path={schema}",
-        )
-        try:
-            slow.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
-            held = slow.execute(
-                "INSERT INTO changes (kind, entity, at) VALUES ('contact', '999', 0) "
-                "RETURNING seq"
-            ).fetchone()
-            assert held is not None
+        with held_change(pg_url) as (slow, held):
             done = threading.Event()
             result: dict[str, Any] = {}
 
@@ -156,12 +144,10 @@ def test_change_numbers_are_drawn_in_commit_order_on_postgres(pg_url: str) -> No
             # higher number first without the lock).
             assert not done.wait(1.0)  # a bounded wait for something that must not happen
             visible = max(s for s, _, _ in _changes(backend))
-            assert visible < held[0]
+            assert visible < held
             slow.commit()
             writer.join(30)
             assert done.is_set() and result["r"] == ["applied"]
             later = [s for s, _, _ in _changes(backend) if s > visible]
-            assert held[0] == min(later), "the held change was overtaken"
-        finally:
-            slow.close()
+            assert held == min(later), "the held change was overtaken"
 

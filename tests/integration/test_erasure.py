@@ -21,6 +21,7 @@ from proca_sync.crm.sql.changelog import TombstoneCheck, load_erasure_key, scrub
 from proca_sync.crm.sql.schema import tombstones
 from proca_sync.errors import ConfigError
 from tests.support.builders import action, dumps, email_status, records
+from tests.support.changes import held_change
 
 KEY = b"k" * 64
 CHECK = TombstoneCheck(KEY)
@@ -353,24 +354,9 @@ def test_with_every_destination_gone_every_tombstone_is_scrubbed(ledger: SqlBack
 def test_an_erasure_takes_its_change_number_in_commit_order_on_postgres(pg_url: str) -> None:
     """As the writers' change rows (test_changelog.py): a transaction holding the change
     log's lock holds back the erasure's change row until it commits."""
-    import psycopg
-
-    from proca_sync.crm.sql.changelog import CHANGES_LOCK
-
     with SqlBackend(pg_url, erasure_key=KEY) as backend:
         assert backend.apply_sync(records(BODIES)) == ["applied"] * len(BODIES)
-        schema = pg_url.split("csearch_path%3D", 1)[1]
-        slow = psycopg.connect(
-            "host=127.0.0.1 port=5432 dbname=test user=postgres",
-            options=f"-csearch_path={schema}",
-        )
-        try:
-            slow.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
-            held = slow.execute(
-                "INSERT INTO changes (kind, entity, at) VALUES ('contact', '999', 0) "
-                "RETURNING seq"
-            ).fetchone()
-            assert held is not None
+        with held_change(pg_url) as (slow, held):
             done = threading.Event()
             result: dict[str, int | None] = {}
 
@@ -386,6 +372,4 @@ def test_an_erasure_takes_its_change_number_in_commit_order_on_postgres(pg_url: 
             assert done.is_set() and result["tombstone"] is not None
             with backend.engine.connect() as conn:
                 erasure = _erasure_seq(conn, result["tombstone"])
-            assert erasure > held[0], "the held change was overtaken"
-        finally:
-            slow.close()
+            assert erasure > held, "the held change was overtaken"

@@ -600,8 +600,10 @@ async def test_a_one_at_a_time_backend_gets_its_next_batch_when_it_is_free(
         first = await intake.deliver(distinct(1))
         await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
         tags = [first] + [await intake.deliver(distinct(n)) for n in range(2, 22)]
-        for _ in range(20):  # let every idle worker run: none may start a batch
-            await asyncio.sleep(0)
+        # Event-loop turns, not time: every idle worker runs and none may start a batch
+        # (something that must not happen has no state to wait for).
+        for _ in range(20):
+            await asyncio.sleep(0)  # sleep-ok: yields a turn, no fixed delay
         if max_batches is None:
             # The control: without a limit, idle workers take what arrived at once.
             assert len(backend.calls) > 1
@@ -626,8 +628,8 @@ async def test_a_stop_wakes_workers_waiting_for_a_one_at_a_time_backend(
         await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
         for n in range(2, 6):  # wakes the idle workers: they queue for the slot
             await intake.deliver(distinct(n))
-        for _ in range(20):
-            await asyncio.sleep(0)
+        for _ in range(20):  # event-loop turns: the woken workers queue for the slot
+            await asyncio.sleep(0)  # sleep-ok: yields a turn, no fixed delay
         started = time.monotonic()
         consumer.request_stop("test")
         backend.gate.set()
