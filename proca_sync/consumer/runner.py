@@ -82,21 +82,22 @@ class BatchTally:
         self.ms_max = 0.0
         self.by_label: dict[str, int] = {}
 
-    def add(self, settled: Sequence[tuple[Delivery, Decision]], size: int, seconds: float) -> None:
+    def add(self, counts: dict[tuple[Outcome, str], int], size: int, seconds: float) -> None:
+        """A batch of ``size`` deliveries, ``counts`` of them settled per outcome and label
+        (what :meth:`Consumer._settle` carried out); the rest were held."""
         self.batches += 1
         self.messages += size
-        self.held += size - len(settled)
+        self.held += size - sum(counts.values())
         self.ms_max = max(self.ms_max, seconds * 1000)
         labels = self.by_label
-        for _, decision in settled:
-            labels[decision.label] = labels.get(decision.label, 0) + 1
-            outcome = decision.outcome
+        for (outcome, label), count in counts.items():
+            labels[label] = labels.get(label, 0) + count
             if outcome is Outcome.ACK:
-                self.acked += 1
+                self.acked += count
             elif outcome is Outcome.RETRY:
-                self.retried += 1
+                self.retried += count
             else:
-                self.parked += 1
+                self.parked += count
 
     def fields(self, now: float) -> dict[str, Any]:
         # The figures go in the fields only: a number in the text of a log line may look
@@ -194,7 +195,7 @@ class Consumer:
         self._breaker_opened = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_wanted = False
         self._late_flush: asyncio.TimerHandle | None = None
@@ -409,20 +410,20 @@ class Consumer:
             else:
                 to_settle.append((delivery, decision))
                 done.append(lane)
-        await self._settle(to_settle)
+        counts = await self._settle(to_settle)
         for lane in done:
             self.lanes.finish(lane)
         self._work.set()
         if self.log_each:
-            self._log_batch(to_settle, len(taken), time.monotonic() - started)
+            self._log_batch(counts, len(taken), time.monotonic() - started)
 
     def _log_batch(
-        self, settled: list[tuple[Delivery, Decision]], size: int, seconds: float
+        self, counts: dict[tuple[Outcome, str], int], size: int, seconds: float
     ) -> None:
         """Count a settled batch into the next summary line (INFO, every SUMMARY_EVERY s)."""
         if not log.isEnabledFor(logging.INFO):
             return
-        self._tally.add(settled, size, seconds)
+        self._tally.add(counts, size, seconds)
         self._log_summary(force=False)
 
     def _log_summary(self, *, force: bool) -> None:
@@ -443,8 +444,12 @@ class Consumer:
 
     # ---- settlement -----------------------------------------------------------------------
 
-    async def _settle(self, pairs: Sequence[tuple[Delivery, Decision]]) -> None:
-        """Carry out decisions: park (committed) before ack; reject or schedule retries."""
+    async def _settle(
+        self, pairs: Sequence[tuple[Delivery, Decision]]
+    ) -> dict[tuple[Outcome, str], int]:
+        """Carry out decisions: park (committed) before ack; reject or schedule retries.
+        Returns how many were settled per outcome and label (local retries and deliveries
+        given back are counted when they are settled, elsewhere)."""
         parks = [(d, dec) for d, dec in pairs if dec.outcome is Outcome.PARK and not d.stale]
         parked_ok = True
         if parks:
@@ -481,6 +486,7 @@ class Consumer:
         finally:
             self._counted(counts)
         self._request_flush()
+        return counts
 
     def _park_item(self, delivery: Delivery, decision: Decision) -> ParkItem:
         message = delivery.message
@@ -587,12 +593,12 @@ class Consumer:
             self._flush_singles = True
             self._request_flush()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # A bug, not a message's fault: its delivery stays unacked and returns to the
