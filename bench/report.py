@@ -240,6 +240,17 @@ def analysis_values(doc: dict[str, Any]) -> dict[str, str]:
             put(f"{db}_w{k}_server", _cores(doc, name, "postgres_cores"), ".2f")
             put(f"{db}_w{k}_broker", _cores(doc, name, "broker_cores"), ".2f")
             put(f"{db}_w{k}_other", _cores(doc, name, "foreign_cores"), ".2f")
+            # Timed from the first worker ready; the same runs from the supervisor's start
+            # (spawning the interpreters, imports): {pg_w2_spawn_rate}, {pg_w2_start} s.
+            runs = [r for r in (doc["cases"].get(name) or {}).get("runs", [])
+                    if r.get("spawn_seconds")]  # fmt: skip
+            if runs:
+                put(f"{db}_w{k}_spawn_rate",
+                    statistics.median(r["n"] / r["spawn_seconds"] for r in runs), ",.0f")
+                put(f"{db}_w{k}_spawn_ratio", None if not peer_enc else statistics.median(
+                    r["n"] / r["spawn_seconds"] for r in runs) / peer_enc, ".2f")
+                put(f"{db}_w{k}_start",
+                    statistics.median(r["spawn_seconds"] - r["seconds"] for r in runs), ".2f")
     # PostgreSQL's own CPU per message (its cores / the rate), and what one core of it
     # could take: the ceiling of K machines writing into one PostgreSQL.
     for suffix, name in (("", "proca-postgres"), ("_w2", "proca-postgres-w2"),
@@ -462,7 +473,9 @@ def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dic
         "",
         "## Drain rate",
         "",
-        "Timed from the consumer's start (connect + subscribe included) until its N-th ack; "
+        "Timed from the consumer's start (connect + subscribe included; with `--workers K`, "
+        "the first worker's, once its interpreter has started and imported what it needs, "
+        "as the Node peer's clock starts after its `require`s) until its N-th ack; "
         "the queue is checked empty afterwards. Ratios are to the baselines of this run. "
         "`cores` = CPU seconds / wall seconds of the consumer process (with `--workers K`: "
         "the supervisor and its K workers), of the broker, of PostgreSQL, and of everything "

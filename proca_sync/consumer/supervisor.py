@@ -174,8 +174,10 @@ async def _worker(
         on_term()
 
     def send(kind: str) -> bool:
+        # The time is this process's monotonic clock, which on Linux is the machine's:
+        # the supervisor compares it with its own (the first report marks "ready").
         try:
-            conn.send((kind, idle_flag[0], consumer.stats.snapshot()))
+            conn.send((kind, idle_flag[0], consumer.stats.snapshot(), time.monotonic()))
         except (BrokenPipeError, EOFError, OSError):
             return False
         return True
@@ -216,6 +218,9 @@ class _Slot:
     deaths: int = 0
     restart_at: float | None = None
     snapshot: dict[str, Any] | None = None
+    ready_at: float | None = None
+    """When this run of the worker was ready to consume (imports done, the CRM and
+    the keys loaded): its first report, stamped by the worker."""
     idle: bool = False
     done: bool = False
     exit_code: int | None = None
@@ -415,6 +420,9 @@ class Supervisor:
         self.status = _EXIT_OK
         self._stop = asyncio.Event()
         self._signals = 0
+        self.first_ready: float | None = None
+        """``time.monotonic()`` when the first worker was ready to consume (its first
+        report): a process's start (interpreter, imports) lies before it."""
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -495,7 +503,7 @@ class Supervisor:
         slot.process, slot.conn = process, parent
         slot.started = time.monotonic()
         slot.restart_at = None
-        slot.snapshot = None
+        slot.snapshot = slot.ready_at = None
         slot.idle = slot.done = False
         log.info("worker started",
                  extra={"fields": {"event": "worker_started", "worker": slot.index,
@@ -507,8 +515,15 @@ class Supervisor:
             return
         try:
             while conn.poll():
-                kind, idle, snapshot = conn.recv()
+                kind, idle, snapshot, sent_at = conn.recv()
                 slot.snapshot, slot.idle = snapshot, bool(idle)
+                if slot.ready_at is None:
+                    slot.ready_at = sent_at
+                    if self.first_ready is None or sent_at < self.first_ready:
+                        self.first_ready = sent_at
+                    log.info("worker ready",
+                             extra={"fields": {"event": "worker_ready", "worker": slot.index,
+                                               "seconds": round(sent_at - slot.started, 3)}})
                 slot.done = slot.done or kind == "done"
         except (EOFError, OSError):
             pass

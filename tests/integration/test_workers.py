@@ -133,6 +133,12 @@ async def test_workers_on_the_demo_restart_stop_and_drain(
                      what="the killed worker restarted")  # fmt: skip
     (exit_line,) = first.event("worker_exit")
     assert exit_line["worker"] == victim["worker"] and exit_line["code"] == -signal.SIGKILL
+    # Each run of a worker reports once when it is ready to consume, with its start-up time.
+    await eventually(lambda: len(first.event("worker_ready")) == 3, within=30,
+                     what="the restarted worker ready")  # fmt: skip
+    ready = first.event("worker_ready")
+    assert sorted(e["worker"] for e in ready) == sorted([0, 1, victim["worker"]])
+    assert all(0 < e["seconds"] < 60 for e in ready), ready
 
     # SIGTERM stops them all: exit 0, no worker left behind.
     first.signal(signal.SIGTERM)
