@@ -7,6 +7,7 @@ is copied into the report as is.
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -55,7 +56,13 @@ def _cpu_note(doc: dict[str, Any], name: str, who: str) -> str:
         text += f", the broker {broker:.2f}"
     if postgres:
         text += f", PostgreSQL {postgres:.2f}"
-    if cores >= 0.85:
+    workers = re.search(r"-w(\d+)$", name)
+    if workers:
+        # K processes: together they can use the machine, shared with the broker and
+        # the database; "saturated" is all the cores in use.
+        used = cores + (broker or 0.0) + (postgres or 0.0)
+        text += f" ({workers.group(1)} worker processes; {used:.2f} of the machine's cores in all)"
+    elif cores >= 0.85:
         text += f" — {who} is CPU-bound (its work runs on one thread: 1.0 core = saturated)"
     return text
 
@@ -439,7 +446,8 @@ def _carried(doc: dict[str, Any]) -> list[str]:
         f"`{name}` ({entry['measured']}, `{entry['command']}`)"
         for name, entry in sorted(earlier.items())
     )
-    return [f"Carried over from an earlier run on the same machine (`--merge`): {items}.", ""]
+    return [f"Carried over from an earlier run (`--merge`; possibly another machine of this "
+            f"kind: compare ratios across runs, not rates): {items}.", ""]
 
 
 def render(doc: dict[str, Any], *, results_dir: Path, markdown: Path, plots: dict[str, str]) -> str:
