@@ -15,6 +15,7 @@ errors into :class:`~proca_sync.errors.TransientError`.
 from __future__ import annotations
 
 import hashlib
+import operator
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    ARRAY,
     Connection,
+    String,
+    Table,
     and_,
+    any_,
     bindparam,
     delete,
     func,
@@ -272,6 +277,59 @@ def _action_digest(view: ActionView) -> str:
 def _json(value: Any) -> Any:
     return orjson.loads(value) if isinstance(value, str | bytes) else value
 
+
+
+def _insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (dicts with the same keys, plain values: text, numbers) with the
+    driver's own ``executemany``. SQLAlchemy's per-row parameter processing was a fifth
+    of a large backfill's CPU (the pusher records every item it wrote); these columns
+    need no conversion, so the statement is compiled once for the connection's dialect
+    and the rows go to the driver as they are."""
+    if not rows:
+        return
+    keys = list(rows[0])
+    compiled = insert(table).compile(dialect=conn.dialect, column_keys=keys)
+    params: list[Any]
+    if compiled.positional:
+        order = compiled.positiontup or []
+        if len(order) == 1:
+            params = [(row[order[0]],) for row in rows]
+        else:
+            params = list(map(operator.itemgetter(*order), rows))
+    else:
+        params = rows
+    conn.exec_driver_sql(str(compiled), params)
+
+
+def _delete_entities(
+    conn: Connection, table: Table, destination: str, kind: str, entities: Sequence[str]
+) -> None:
+    """Delete the rows of ``table`` of these entities of one kind, by the driver: on
+    PostgreSQL one statement with an array (an index lookup per entity), elsewhere one
+    statement per entity through ``executemany`` (SQLite runs them in-process). An
+    ``IN`` list built by SQLAlchemy cost more CPU than the deletes themselves."""
+    if not entities:
+        return
+    if conn.dialect.name == "postgresql":
+        one_of = table.c.entity == any_(bindparam("e", type_=ARRAY(String)))
+        statement = _where_entity(table, one_of).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(str(statement), {"d": destination, "k": kind, "e": list(entities)})
+    else:
+        statement = _where_entity(table, table.c.entity == bindparam("e")).compile(
+            dialect=conn.dialect
+        )
+        order = statement.positiontup or []
+        values = {"d": destination, "k": kind}
+        conn.exec_driver_sql(
+            str(statement),
+            [tuple(values.get(k, entity) for k in order) for entity in entities],
+        )
+
+
+def _where_entity(table: Table, entity: Any) -> Any:
+    return delete(table).where(
+        table.c.destination == bindparam("d"), table.c.kind == bindparam("k"), entity
+    )
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), _CHUNK):
@@ -706,15 +764,8 @@ class LedgerState:
                 by_kind.setdefault("address", []).extend(addresses)
             # Per kind, so that the primary key (destination, kind, entity) finds the rows.
             for kind, entities in by_kind.items():
-                for chunk in _chunks(entities):
-                    for table in (destination_items, destination_parked):
-                        conn.execute(
-                            delete(table).where(
-                                table.c.destination == self.name,
-                                table.c.kind == kind,
-                                table.c.entity.in_(chunk),
-                            )
-                        )
+                for table in (destination_items, destination_parked):
+                    _delete_entities(conn, table, self.name, kind, entities)
             rows = [
                 {
                     "destination": self.name,
@@ -737,11 +788,12 @@ class LedgerState:
                 for entity, (version, value) in (addresses or {}).items()
             ]
             if rows:
-                conn.execute(insert(destination_items), rows)
+                _insert_rows(conn, destination_items, rows)
             if parked:
                 now = time.time()
-                conn.execute(
-                    insert(destination_parked),
+                _insert_rows(
+                    conn,
+                    destination_parked,
                     [
                         {
                             "destination": self.name,
