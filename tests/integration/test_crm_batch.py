@@ -106,9 +106,9 @@ def _outcome(result: Any) -> str:
 
 def _apply(
     url: str, stored: list[SyncRecord], batches: list[list[SyncRecord]]
-) -> tuple[list[str], dict[str, Any], list[tuple[str, str]]]:
+) -> tuple[list[str], dict[str, Any], list[tuple[str, str, Any]]]:
     """Apply ``stored`` then the batches to an empty CRM: results, rows and export, and
-    the change log rows the batches wrote (kind, entity)."""
+    the change log rows the batches wrote (kind, entity, time)."""
     with SqlBackend(url) as backend:
         with backend.engine.begin() as conn:
             metadata.drop_all(conn)  # (serial ids start again at 1)
@@ -120,9 +120,9 @@ def _apply(
             results = [_outcome(r) for batch in batches for r in fresh.apply_sync(batch)]
             with fresh.engine.connect() as conn:
                 changes = [
-                    (row[0], row[1])
+                    (row[0], row[1], row[2])
                     for row in conn.execute(
-                        text(f"SELECT kind, entity FROM changes WHERE seq > {last} ORDER BY seq")
+                        text(f"SELECT kind, entity, at FROM changes WHERE seq > {last}")
                     )
                 ]
             return results, {"rows": _rows(fresh), "export": fresh.export()}, changes
@@ -155,9 +155,10 @@ def _check_same_as_one_by_one(
     one_by_one = _apply(url, stored or [], [[record] for record in records])
     assert together[:2] == one_by_one[:2]
     if one_transaction:
-        # The batch was written in one transaction (one change row per entity): the writer
-        # did not fail and leave the records to be written one at a time instead.
-        assert len(set(together[2])) == len(together[2]), together[2]
+        # The batch was written in one transaction (its change rows bear one time, and one
+        # per entity): the writer did not fail and leave the records to one at a time.
+        assert len({at for _, _, at in together[2]}) == 1, together[2]
+        assert len({c[:2] for c in together[2]}) == len(together[2]), together[2]
     state = together[1]
     contacts = state["export"]["contacts"]
     state["export"]["contacts"] = [c for c in contacts if _ODD not in c["contactRefs"]]
@@ -274,3 +275,58 @@ def test_a_stored_contact_is_read_back_as_it_was_written(crm_url: str, writer: s
     first, second = sorted(state["export"]["contacts"], key=lambda c: c["contactRefs"])
     assert (first["optIn"], first["optInAt"]) == (True, "2024-03-01T10:00:00Z")
     assert second["consents"] == [{"actionId": 3, "optIn": True, "givenAt": None}]
+
+
+def _changes_since(backend: SqlBackend, last: int) -> list[tuple[str, str]]:
+    with backend.engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT kind, entity FROM changes WHERE seq > {last}"))
+        return [(row[0], row[1]) for row in rows]
+
+
+def _last_change(backend: SqlBackend) -> int:
+    with backend.engine.connect() as conn:
+        return int(conn.execute(text("SELECT coalesce(max(seq), 0) FROM changes")).scalar_one())
+
+
+def test_the_record_writer_logs_a_campaign_when_it_wrote_it_only(crm_url: str) -> None:
+    with SqlBackend(crm_url) as backend:
+        assert backend.apply_sync([_record("s", refs=("r1",), campaign="Old", day=2)]) == [
+            "applied"
+        ]
+    # A new process (no campaign stamps in memory); each batch written record by record.
+    with SqlBackend(crm_url) as backend:
+        for day, title, logged in ((1, "Stale", []), (3, "New", [("campaign", "bees")])):
+            last = _last_change(backend)
+            odd = _record(f"{_ODD}{day}", refs=(f"{_ODD}{day}",), fields={"big": 1e17}, day=day)
+            batch = [_record(title, refs=(f"r{day}",), campaign=title, day=day), odd]
+            assert backend.apply_sync(batch) == ["applied", "applied"]
+            changes = _changes_since(backend, last)
+            assert [c for c in changes if c[0] == "campaign"] == logged
+            assert _rows(backend)["campaigns"][0][1] == "Old" if day == 1 else title
+
+
+def test_a_record_with_two_refs_and_two_emails(crm_url: str, writer: str) -> None:
+    stored = [_record("x", refs=("r1",), emails=("a@example.org",), day=1)]
+    records = [
+        _record("y", refs=("r1", "r2"), emails=("a@example.org", "b@example.org"), day=2),
+        _record("z", refs=("r3",), emails=("c@example.org", "b@example.org"), day=3),
+    ]
+    state = _check_same_as_one_by_one(crm_url, writer, records, stored)
+    (contact,) = state["export"]["contacts"]
+    assert contact["emails"] == ["a@example.org", "b@example.org", "c@example.org"]
+
+
+def test_a_pending_contact_read_back_stays_pending(crm_url: str, writer: str) -> None:
+    # Not admitted (a status event of someone never delivered): invisible in the export,
+    # also once a later record of the same person, not admitting either, reads it back.
+    def pending(record: SyncRecord) -> SyncRecord:
+        assert record.contact is not None
+        return dataclasses.replace(
+            record, contact=dataclasses.replace(record.contact, admit=False)
+        )
+
+    stored = [pending(_record("p1", refs=("r1",), day=1, status="bounce"))]
+    records = [pending(_record("p2", refs=("r1",), day=2, status="ok"))]
+    state = _check_same_as_one_by_one(crm_url, writer, records, stored)
+    assert state["export"]["contacts"] == []
+    assert not state["rows"]["contacts"][0][1]  # id 1, stored first
