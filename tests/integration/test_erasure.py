@@ -267,6 +267,52 @@ def test_a_person_erased_twice_has_their_keys_point_at_the_second_tombstone(
             )
 
 
+@pytest.mark.parametrize("writer", ["batch-writer", "record-writer"])
+def test_a_record_about_an_erased_person_is_written_only_when_newer_than_the_erasure(
+    ledger: SqlBackend, writer: str
+) -> None:
+    """Each record reaching a tombstone's key is judged by when its data was true: an
+    action by its creation, a record without one by the time part of its contact stamp.
+    At or before the erasure it counts as applied and writes nothing; after it, the
+    person is back. In one batch, through either writer (a last record the batch writer
+    does not take, about someone else, sends the whole batch record by record)."""
+    with ledger as backend:
+        tombstone = backend.forget_sync(email=ANNA)
+        with backend.engine.connect() as conn:
+            ((tid, erased_at, _, _),) = _tombstones(conn)
+        assert tid == tombstone
+        bodies = [
+            # No action: the time of the status event's data (givenAt here).
+            email_status(ref=A, email=None, status="bounce", changed="2024-02-01T00:00:00Z"),
+            email_status(ref=A2, email=None, status="bounce", changed=erased_at),
+            email_status(ref=A, email=ANNA_B, status="ok", changed="2099-01-01T00:00:00Z"),
+            # With an action: its creation time.
+            action(14, ref=A, email=ANNA, created="2024-02-02T00:00:00Z"),
+            action(15, ref=A2, email=ANNA, created=erased_at),
+            action(16, ref=A, email=None, created="2099-01-02T00:00:00Z"),
+        ]
+        if writer == "record-writer":
+            bodies.append(action(41, ref="C" * 43, email=None, created="2024-01-01T00:00:00Z",
+                                 record={"big": 1e17}))
+        recs = records([dumps(b) for b in bodies])
+        assert backend.apply_sync(recs) == ["applied"] * len(recs)
+        with backend.engine.connect() as conn:
+            back = _owner(conn, "email", ANNA_B)
+            assert _owner(conn, "ref", A) == back
+            keys = _rows(conn, "SELECT kind, value, contact_id FROM contact_keys "
+                               "ORDER BY kind, value")
+            # Only Bob's keys and those of the newer records: A2 and ANNA stay out.
+            assert [k for k in keys if k[1] in (A, A2, ANNA, ANNA_B)] == [
+                ("email", ANNA_B, back), ("ref", A, back)
+            ]
+            assert _rows(conn, f"SELECT action_id FROM actions WHERE contact_id = {back}") == [
+                (16,)
+            ]
+            assert _rows(conn, "SELECT action_id FROM actions WHERE action_id IN (14, 15)") == []
+            assert _rows(conn, "SELECT status FROM email_status_history WHERE contact_id = "
+                               f"{back}") == [("ok",)]
+
+
 def test_a_contact_without_an_email_leaves_a_tombstone_of_its_ref(ledger: SqlBackend) -> None:
     with ledger as backend:
         with backend.engine.begin() as conn:
