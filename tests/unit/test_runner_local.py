@@ -44,8 +44,9 @@ from proca_sync.crm.base import ApplyResult
 from proca_sync.crypto import Keystore
 from proca_sync.errors import ConfigError, PermanentError, Reason, TransientError
 from proca_sync.pipeline.topology import QueueState, fail_queue
+from proca_sync.sync.model import body_digest
 from proca_sync.sync.records import Mode, SyncRecord
-from tests.support.builders import ORG, action, dumps
+from tests.support.builders import ORG, action, dumps, records
 
 QUEUE = "cus.4242.deliver"  # a Proca org queue: retries go through the dead-letter circuit
 
@@ -592,6 +593,40 @@ async def test_without_log_each_acks_are_not_logged_one_by_one_even_at_debug(
     assert outcomes == ["park"]
 
 
+async def test_a_parked_message_is_logged_with_these_fields(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The structured fields log pipelines read, value by value (none of them personal).
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    rig.backend.script.append(
+        lambda records: [PermanentError("refused", reason=Reason.CRM_REJECTED)] * len(records))
+    rig.backend.gate.set()
+    headers = {"x-death": [{"queue": QUEUE, "reason": "rejected", "count": 1}]}
+    body = person_action(12)
+    started = time.monotonic()
+    tags = [await rig.intake.deliver(body, headers), await rig.intake.deliver(b"not json {")]
+    await eventually(lambda: rig.channel.acked() >= set(tags), within=10, what="the acks")
+    elapsed_ms = (time.monotonic() - started) * 1000
+    lines = [dict(getattr(r, "fields")) for r in caplog.records
+             if getattr(r, "fields", {}).get("event") == "message"]
+    assert [r.levelno for r in caplog.records if getattr(r, "fields", {}).get("event")
+            == "message"] == [logging.WARNING, logging.WARNING]
+    for line in lines:
+        ms = line.pop("ms")  # from the delivery to its settlement, parking included
+        assert isinstance(ms, float) and 0 < ms <= elapsed_ms + 0.1
+    (record,) = records([body])
+    assert record.action is not None
+    assert sorted(lines, key=lambda line: line["label"]) == [
+        {"event": "message", "outcome": "park", "label": "crm_rejected", "attempts": 1,
+         "redelivered": False, "key": record.key, "lane": lane_hash(record.lane),
+         "action_id": record.action.action_id, "reason": "crm_rejected",
+         "error": "PermanentError: crm_rejected: refused"},
+        {"event": "message", "outcome": "park", "label": "invalid_json", "attempts": 0,
+         "redelivered": False, "digest": body_digest(b"not json {"), "reason": "invalid_json",
+         "error": "DecodeError: invalid_json: body is not valid JSON"},
+    ]
+
+
 async def test_batches_are_summed_up_in_one_info_line_a_second(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -730,6 +765,7 @@ async def test_local_retry_republishes_with_one_more_attempt_then_acks(tmp_path:
         tag = await intake.deliver(body, {ATTEMPTS_HEADER: 1})
         await eventually(lambda: tag in channel.acked(), within=10, what="the ack")
         assert intake.republished == [(body, {ATTEMPTS_HEADER: 2})]
+        assert consumer.stats.labels == {"KeyError": 1}  # counted once, when settled
         assert parking.entries() == []
     finally:
         consumer.request_stop("test")
