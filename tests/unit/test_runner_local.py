@@ -398,9 +398,12 @@ async def test_a_parked_message_keeps_the_exchange_and_routing_key_it_came_by(ri
         ("", ""), ("org.4242.deliver", "x.y")]
 
 
-async def test_transient_failure_is_retried_through_the_dead_letter_circuit(rig: Rig) -> None:
+async def test_transient_failure_is_retried_through_the_dead_letter_circuit(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
     """Breaker threshold 1: the failure opens it; the prober's ping closes it again via
     one half-open probe message; nothing is acked before apply succeeded."""
+    caplog.set_level(logging.INFO, logger="proca_sync")
     rig.backend.script.append(failing(TransientError("down")))
     rig.backend.ping_ok = False
     rig.backend.gate.set()
@@ -414,6 +417,11 @@ async def test_transient_failure_is_retried_through_the_dead_letter_circuit(rig:
     assert rig.consumer.breaker.state is BreakerState.CLOSED
     assert len(rig.backend.calls) == 2
     assert [f.kind for f in rig.channel.frames] == ["ack"]
+    # each change of state said once (not again after each failed probe)
+    states = [getattr(r, "fields")["state"] for r in caplog.records
+              if getattr(r, "fields", {}).get("event") == "breaker"]
+    assert states == [BreakerState.OPEN.value, BreakerState.HALF_OPEN.value,
+                      BreakerState.CLOSED.value]
 
 
 async def test_the_half_open_probe_is_one_message(rig: Rig) -> None:
@@ -669,12 +677,12 @@ def test_a_batch_tally_counts_each_outcome_the_held_and_the_slowest_batch() -> N
         "event": "batches", "batches": 0, "messages": 0, "acked": 0, "retried": 0,
         "parked": 0, "held": 0, "by_label": {}, "ms_max": 0.0, "seconds": 0.0}
     tally.add({(Outcome.ACK, "applied"): 3, (Outcome.RETRY, "transient"): 1}, 5, 0.06789)
-    tally.add({(Outcome.PARK, "crm_rejected"): 2, (Outcome.RETRY, "transient"): 2,
+    tally.add({(Outcome.PARK, "crm_rejected"): 2, (Outcome.RETRY, "transient"): 1,
                (Outcome.ACK, "applied"): 1, (Outcome.PARK, "invalid_json"): 1}, 8, 0.02)
     assert tally.fields(101.23456) == {
-        "event": "batches", "batches": 2, "messages": 13, "acked": 4, "retried": 3,
-        "parked": 3, "held": 3,
-        "by_label": {"applied": 4, "transient": 3, "crm_rejected": 2, "invalid_json": 1},
+        "event": "batches", "batches": 2, "messages": 13, "acked": 4, "retried": 2,
+        "parked": 3, "held": 4,
+        "by_label": {"applied": 4, "transient": 2, "crm_rejected": 2, "invalid_json": 1},
         "ms_max": 67.9, "seconds": 1.23}
 
 
