@@ -210,6 +210,7 @@ class GatedBackend:
         self.returned: set[str] = set()
         self.script: list[Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]] = []
         self.ping_ok = True
+        self.ping_retry_after: float | None = None
         self.pings = 0
         self.close_fails = False
 
@@ -223,7 +224,7 @@ class GatedBackend:
     async def ping(self) -> None:
         self.pings += 1
         if not self.ping_ok:
-            raise TransientError("CRM still down")
+            raise TransientError("CRM still down", retry_after=self.ping_retry_after)
 
     async def apply(self, records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
         self.calls.append([r.key for r in records])
@@ -486,6 +487,20 @@ async def test_a_stale_delivery_held_by_the_breaker_is_dropped_by_the_worker_tak
     await eventually(lambda: again in fresh.acked(), within=10, what="the redelivery's ack")
     assert len(rig.backend.calls) == 2  # the stale delivery was not applied again
     assert old.frames == []
+
+
+async def test_a_retry_after_from_a_failed_ping_delays_the_next_probe(rig: Rig) -> None:
+    rig.backend.script.append(failing(TransientError("down")))
+    rig.backend.ping_ok = False
+    rig.backend.ping_retry_after = 0.4
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(person_action(86))
+    await eventually(lambda: rig.backend.pings >= 1, within=10, what="a failed probe")
+    breaker = rig.consumer.breaker
+    await eventually(lambda: breaker.trips >= 1, within=10, what="the probe counted")
+    assert breaker.probe_delay() >= 0.4  # not the 0.02 s of the second backoff step
+    rig.backend.ping_ok = True
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
 
 
 async def test_an_unexpected_batch_error_is_isolated_by_applying_singly(rig: Rig) -> None:
