@@ -374,6 +374,8 @@ async def test_poison_is_parked_and_acked_without_reaching_the_crm(rig: Rig) -> 
     await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
     assert rig.backend.calls == []
     assert [e.reason for e in rig.parking.entries()] == ["invalid_json"]
+    # its settlement task is forgotten once done (a long run keeps no finished tasks)
+    await eventually(lambda: not rig.consumer._tasks, within=10, what="the task forgotten")
 
 
 async def test_attempts_are_counted_on_this_queue_s_dead_letter_entry(rig: Rig) -> None:
