@@ -415,16 +415,19 @@ async def test_transient_failure_is_retried_through_the_dead_letter_circuit(
                      what="the breaker to open")
     await eventually(lambda: rig.backend.pings >= 2, within=10, what="failed probes")
     assert rig.channel.frames == []  # held, not retried: the budget is kept
+    assert rig.consumer.stats.breaker is BreakerState.OPEN  # /healthz and the metrics say so
     rig.backend.ping_ok = True
     await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
     assert rig.consumer.breaker.state is BreakerState.CLOSED
     assert len(rig.backend.calls) == 2
     assert [f.kind for f in rig.channel.frames] == ["ack"]
     # each change of state said once (not again after each failed probe)
-    states = [getattr(r, "fields")["state"] for r in caplog.records
+    states = [(r.levelno, getattr(r, "fields")["state"]) for r in caplog.records
               if getattr(r, "fields", {}).get("event") == "breaker"]
-    assert states == [BreakerState.OPEN.value, BreakerState.HALF_OPEN.value,
-                      BreakerState.CLOSED.value]
+    assert states == [(logging.WARNING, BreakerState.OPEN.value),
+                      (logging.INFO, BreakerState.HALF_OPEN.value),
+                      (logging.WARNING, BreakerState.CLOSED.value)]
+    assert rig.consumer.stats.breaker is BreakerState.CLOSED
 
 
 async def test_the_half_open_probe_is_one_message(rig: Rig) -> None:
