@@ -984,6 +984,28 @@ async def test_with_an_idle_callback_a_worker_says_it_is_idle_and_waits_to_be_st
     assert consumer.stop_reason == "supervisor"
 
 
+async def test_a_queue_missing_at_the_first_look_is_said_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proca_sync")
+    backend = GatedBackend()
+    LocalIntake.channel_for = LocalChannel(backend)
+    settings = ConsumerSettings(queue=QUEUE, consumer_tag="test", status_interval=60)
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    intake.queues = {QUEUE: -1}  # deleted between the start and the monitor's first look
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(lambda: any(getattr(r, "fields", {}).get("event") == "queue_missing"
+                                     for r in caplog.records), within=10, what="queue_missing")
+    finally:
+        consumer.request_stop("test")
+        await asyncio.wait_for(task, 20)
+        parking.engine.dispose()
+
+
 async def test_max_messages_stops_after_that_many_settled(tmp_path: Path) -> None:
     backend = GatedBackend()
     backend.gate.set()
