@@ -211,6 +211,7 @@ class GatedBackend:
         self.script: list[Callable[[Sequence[SyncRecord]], Sequence[ApplyResult]]] = []
         self.ping_ok = True
         self.ping_retry_after: float | None = None
+        self.ping_error: Exception | None = None
         self.pings = 0
         self.close_fails = False
 
@@ -224,7 +225,8 @@ class GatedBackend:
     async def ping(self) -> None:
         self.pings += 1
         if not self.ping_ok:
-            raise TransientError("CRM still down", retry_after=self.ping_retry_after)
+            raise self.ping_error or TransientError("CRM still down",
+                                                    retry_after=self.ping_retry_after)
 
     async def apply(self, records: Sequence[SyncRecord]) -> Sequence[ApplyResult]:
         self.calls.append([r.key for r in records])
@@ -504,6 +506,17 @@ async def test_a_retry_after_from_a_failed_ping_delays_the_next_probe(rig: Rig) 
     breaker = rig.consumer.breaker
     await eventually(lambda: breaker.trips >= 1, within=10, what="the probe counted")
     assert breaker.probe_delay() >= 0.4  # not the 0.02 s of the second backoff step
+    rig.backend.ping_ok = True
+    await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
+
+
+async def test_a_ping_failing_with_another_error_is_probed_again(rig: Rig) -> None:
+    rig.backend.script.append(failing(TransientError("down")))
+    rig.backend.ping_ok = False
+    rig.backend.ping_error = ConnectionRefusedError("refused")  # not a TransientError
+    rig.backend.gate.set()
+    tag = await rig.intake.deliver(person_action(87))
+    await eventually(lambda: rig.backend.pings >= 2, within=10, what="probes after the first")
     rig.backend.ping_ok = True
     await eventually(lambda: tag in rig.channel.acked(), within=10, what="the ack")
 
