@@ -976,8 +976,9 @@ async def test_with_an_idle_callback_a_worker_says_it_is_idle_and_waits_to_be_st
     # the supervisor stops them all together, instead of stopping on its own.
     backend = GatedBackend()
     LocalIntake.channel_for = LocalChannel(backend)
+    # exit_when_idle looks every 0.2 s, whatever the status interval
     settings = ConsumerSettings(queue=QUEUE, exit_when_idle=True, idle_seconds=0.05,
-                                consumer_tag="test")
+                                consumer_tag="test", status_interval=60)
     parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
     said: list[bool] = []
     consumer = Consumer(settings, backend=backend, parking=parking, on_idle=said.append,
