@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import aiormq.exceptions
 import orjson
@@ -1018,6 +1018,38 @@ async def test_a_queue_missing_at_the_first_look_is_said_at_once(
         consumer.request_stop("test")
         await asyncio.wait_for(task, 20)
         parking.engine.dispose()
+
+
+class ProbeRecordingIntake(LocalIntake):
+    """Records the names of the queues the monitor looks at."""
+
+    probed: ClassVar[list[str]] = []
+
+    async def probe(self, name: str) -> QueueState | None:
+        ProbeRecordingIntake.probed.append(name)
+        return await super().probe(name)
+
+
+async def test_a_queue_outside_an_org_has_no_fail_queue_to_look_at(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    LocalIntake.channel_for = LocalChannel(backend)
+    ProbeRecordingIntake.probed = []
+    settings = ConsumerSettings(queue="plain", exit_when_idle=True, idle_seconds=0.05,
+                                consumer_tag="test")
+    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
+    consumer = Consumer(settings, backend=backend, parking=parking,
+                        intake_factory=ProbeRecordingIntake)
+    intake = consumer.intake
+    assert isinstance(intake, LocalIntake)
+    intake.queues = {"plain": 0}
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(task, 20)  # drained: stops on its own
+    finally:
+        consumer.request_stop("test")
+        parking.engine.dispose()
+    assert consumer.stop_reason == "idle"
+    assert set(ProbeRecordingIntake.probed) == {"plain"}
 
 
 async def test_max_messages_stops_after_that_many_settled(tmp_path: Path) -> None:
