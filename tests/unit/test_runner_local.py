@@ -1281,8 +1281,9 @@ async def test_serve_reports_health_shows_status_and_stops_on_sigterm(
     assert stats.settled_total == 1
     events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
     assert "signal" in events and events[-1] == "stopped"
-    # with a console, outcomes are not logged one by one
-    assert "message" not in events
+    # with a console, outcomes are not logged one by one, nor batches summed up (the
+    # status line shows the counts)
+    assert "message" not in events and "batches" not in events
     # the handlers are gone: the loop no longer catches SIGTERM
     assert not asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
 
