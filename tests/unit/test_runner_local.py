@@ -791,27 +791,15 @@ async def test_local_retry_republishes_with_one_more_attempt_then_acks(tmp_path:
     backend = GatedBackend()
     backend.script.append(failing(KeyError("a bug")))
     backend.gate.set()
-    channel = LocalChannel(backend)
-    LocalIntake.channel_for = channel
-    settings = ConsumerSettings(queue="plain", retry_mode=RetryMode.LOCAL, retry_delay=0.01,
-                                max_retries=3, consumer_tag="test", status_interval=60)
-    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
-    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
-    intake = consumer.intake
-    assert isinstance(intake, LocalIntake)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(intake.started.wait(), 10)
+    async with running(tmp_path, backend, LOCAL_RETRIES) as (
+        consumer, intake, channel, parking, _task
+    ):
         body = person_action(50)
         tag = await intake.deliver(body, {ATTEMPTS_HEADER: 1})
         await eventually(lambda: tag in channel.acked(), within=10, what="the ack")
         assert intake.republished == [(body, {ATTEMPTS_HEADER: 2})]
         assert consumer.stats.labels == {"KeyError": 1}  # counted once, when settled
         assert parking.entries() == []
-    finally:
-        consumer.request_stop("test")
-        await asyncio.wait_for(task, 20)
-        parking.engine.dispose()
 
 
 # ---- the engine as the settings and the key store make it ------------------------------------
@@ -869,53 +857,28 @@ async def test_a_local_retry_not_confirmed_goes_back_to_the_queue(tmp_path: Path
     backend = GatedBackend()
     backend.script.append(failing(TransientError("once")))
     backend.gate.set()
-    channel = LocalChannel(backend)
-    LocalIntake.channel_for = channel
-    settings = ConsumerSettings(queue="plain", retry_mode=RetryMode.LOCAL, retry_delay=0.01,
-                                max_retries=3, consumer_tag="test", status_interval=60)
-    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
-    consumer = Consumer(settings, backend=backend, parking=parking,
-                        intake_factory=UnconfirmedIntake)
-    intake = consumer.intake
-    assert isinstance(intake, LocalIntake)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(intake.started.wait(), 10)
+    async with running(tmp_path, backend, LOCAL_RETRIES, UnconfirmedIntake) as (
+        consumer, intake, channel, _parking, _task
+    ):
         tag = await intake.deliver(distinct(1))
         await eventually(lambda: any(f.kind == "nack" and f.tag == tag for f in channel.frames),
                          within=10, what="the delivery handed back")
         assert tag not in channel.acked()
         assert consumer.stats.totals()["returned"] == 1
-    finally:
-        consumer.request_stop("test")
-        await asyncio.wait_for(task, 20)
-        parking.engine.dispose()
 
 
 async def test_local_retries_of_a_whole_batch_are_each_republished(tmp_path: Path) -> None:
     backend = GatedBackend()
     backend.script.append(failing(TransientError("once")))
-    channel = LocalChannel(backend)
-    LocalIntake.channel_for = channel
-    settings = ConsumerSettings(queue="plain", retry_mode=RetryMode.LOCAL, retry_delay=0.01,
-                                max_retries=3, consumer_tag="test", status_interval=60)
-    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
-    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
-    intake = consumer.intake
-    assert isinstance(intake, LocalIntake)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(intake.started.wait(), 10)
+    async with running(tmp_path, backend, LOCAL_RETRIES) as (
+        _consumer, intake, channel, _parking, _task
+    ):
         bodies = [distinct(1), distinct(2)]
         tags = [await intake.deliver(body) for body in bodies]
         backend.gate.set()
         await eventually(lambda: channel.acked() >= set(tags), within=10, what="the acks")
         assert [len(call) for call in backend.calls] == [2]
         assert sorted(intake.republished) == sorted((b, {ATTEMPTS_HEADER: 1}) for b in bodies)
-    finally:
-        consumer.request_stop("test")
-        await asyncio.wait_for(task, 20)
-        parking.engine.dispose()
 
 
 # ---- the monitor: depths, a missing queue, --exit-when-idle -----------------------------------
@@ -1085,26 +1048,45 @@ class OneAtATimeBackend(GatedBackend):
 
 
 @contextlib.asynccontextmanager
-async def four_workers(
-    tmp_path: Path, backend: GatedBackend
-) -> AsyncIterator[tuple[Consumer, LocalIntake, LocalChannel, asyncio.Task[Any]]]:
-    """A running consumer with four workers and batches of up to 50 on ``backend``."""
-    channel = LocalChannel(backend)
+async def running(
+    tmp_path: Path,
+    backend: GatedBackend,
+    settings: ConsumerSettings,
+    intake_factory: type[LocalIntake] = LocalIntake,
+    channel: LocalChannel | None = None,
+) -> AsyncIterator[tuple[Consumer, LocalIntake, LocalChannel, ParkingStore, asyncio.Task[Any]]]:
+    """A consumer of ``settings`` on ``backend``, running on a local intake (on ``channel``,
+    a :class:`LocalChannel` by default); stopped after."""
+    channel = channel or LocalChannel(backend)
     LocalIntake.channel_for = channel
-    settings = ConsumerSettings(queue=QUEUE, concurrency=4, batch_size=50, consumer_tag="test")
     parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
-    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
+    consumer = Consumer(settings, backend=backend, parking=parking,
+                        intake_factory=intake_factory)  # fmt: skip
     intake = consumer.intake
     assert isinstance(intake, LocalIntake)
     task = asyncio.create_task(consumer.run())
     try:
         await asyncio.wait_for(intake.started.wait(), 10)
-        yield consumer, intake, channel, task
+        yield consumer, intake, channel, parking, task
     finally:
         backend.gate.set()
         consumer.request_stop("test")
         await asyncio.wait_for(task, 20)
         parking.engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def four_workers(
+    tmp_path: Path, backend: GatedBackend
+) -> AsyncIterator[tuple[Consumer, LocalIntake, LocalChannel, asyncio.Task[Any]]]:
+    """A running consumer with four workers and batches of up to 50 on ``backend``."""
+    settings = ConsumerSettings(queue=QUEUE, concurrency=4, batch_size=50, consumer_tag="test")
+    async with running(tmp_path, backend, settings) as (consumer, intake, channel, _, task):
+        yield consumer, intake, channel, task
+
+
+LOCAL_RETRIES = ConsumerSettings(queue="plain", retry_mode=RetryMode.LOCAL, retry_delay=0.01,
+                                 max_retries=3, consumer_tag="test", status_interval=60)
 
 
 def distinct(n: int) -> bytes:
@@ -1158,29 +1140,22 @@ async def test_a_one_at_a_time_backend_is_free_again_once_apply_returned(tmp_pat
     backend.script.append(failing(TransientError("once")))
     backend.gate.set()
     channel = SlowRejectChannel(backend)
-    LocalIntake.channel_for = channel
     settings = ConsumerSettings(queue=QUEUE, concurrency=2, consumer_tag="test")
-    parking = ParkingStore(f"sqlite:///{tmp_path / 'parked.db'}")
-    consumer = Consumer(settings, backend=backend, parking=parking, intake_factory=LocalIntake)
-    intake = consumer.intake
-    assert isinstance(intake, LocalIntake)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(intake.started.wait(), 10)
-        first = await intake.deliver(distinct(1))
-        await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
-        second = await intake.deliver(distinct(2))
-        await eventually(lambda: second in channel.acked(), within=10,
-                         what="the second batch applied while the first's reject waits")
-        assert not any(f.kind == "reject" for f in channel.frames)
-        channel.reject_gate.set()
-        await eventually(lambda: any(f.kind == "reject" and f.tag == first
-                                     for f in channel.frames), within=10, what="the reject")
-    finally:
-        channel.reject_gate.set()
-        consumer.request_stop("test")
-        await asyncio.wait_for(task, 20)
-        parking.engine.dispose()
+    async with running(tmp_path, backend, settings, channel=channel) as (
+        _consumer, intake, _channel, _parking, _task
+    ):
+        try:
+            first = await intake.deliver(distinct(1))
+            await eventually(lambda: len(backend.calls) == 1, within=10, what="the first batch")
+            second = await intake.deliver(distinct(2))
+            await eventually(lambda: second in channel.acked(), within=10,
+                             what="the second batch applied while the first's reject waits")
+            assert not any(f.kind == "reject" for f in channel.frames)
+            channel.reject_gate.set()
+            await eventually(lambda: any(f.kind == "reject" and f.tag == first
+                                         for f in channel.frames), within=10, what="the reject")
+        finally:
+            channel.reject_gate.set()  # the stop must not wait on it
 
 
 async def test_a_stop_wakes_workers_waiting_for_a_one_at_a_time_backend(
