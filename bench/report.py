@@ -252,10 +252,9 @@ def analysis_values(doc: dict[str, Any]) -> dict[str, str]:
             runs = [r for r in (doc["cases"].get(name) or {}).get("runs", [])
                     if r.get("spawn_seconds")]  # fmt: skip
             if runs:
-                put(f"{db}_w{k}_spawn_rate",
-                    statistics.median(r["n"] / r["spawn_seconds"] for r in runs), ",.0f")
-                put(f"{db}_w{k}_spawn_ratio", None if not peer_enc else statistics.median(
-                    r["n"] / r["spawn_seconds"] for r in runs) / peer_enc, ".2f")
+                spawn_rate = statistics.median(r["n"] / r["spawn_seconds"] for r in runs)
+                put(f"{db}_w{k}_spawn_rate", spawn_rate, ",.0f")
+                put(f"{db}_w{k}_spawn_ratio", spawn_rate / peer_enc if peer_enc else None, ".2f")
                 put(f"{db}_w{k}_start",
                     statistics.median(r["spawn_seconds"] - r["seconds"] for r in runs), ".2f")
     # PostgreSQL's own CPU per message (its cores / the rate), and what one core of it

@@ -278,7 +278,6 @@ def _json(value: Any) -> Any:
     return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
-
 def _insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert ``rows`` (dicts with the same keys, plain values: text, numbers) with the
     driver's own ``executemany``. SQLAlchemy's per-row parameter processing was a fifth
@@ -330,6 +329,7 @@ def _where_entity(table: Table, entity: Any) -> Any:
     return delete(table).where(
         table.c.destination == bindparam("d"), table.c.kind == bindparam("k"), entity
     )
+
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), _CHUNK):
@@ -841,8 +841,9 @@ class LedgerState:
                         )
                     )
             if projections:
-                conn.execute(
-                    insert(destination_items),
+                _insert_rows(
+                    conn,
+                    destination_items,
                     [
                         {
                             "destination": self.name,
